@@ -1,0 +1,170 @@
+"""One typed, validated config for the whole pipeline.
+
+Every option can come from code, from a YAML/TOML file, or from an environment
+variable named ``GEMMA_OPT_<SECTION>_<FIELD>`` (``GEMMA_OPT_PRUNE_RATIO=0.3``),
+so ``cog.yaml`` can set the deployment's pipeline without code.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MIN_RATIO, MAX_RATIO = 0.01, 0.80
+PRUNE_METHODS = ("none", "magnitude", "gradual", "layer_norm")
+QUANT_MODES = ("none", "int8_weight_only", "int4_weight_only", "float8_weight_only")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class ConfigError(ValueError):
+    """A pipeline option that cannot work; the message names the option."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FilterConfig(_Section):
+    """Which modules the later stages touch (see ``gemma_opt.filtering``)."""
+
+    include_vision: bool = False
+    include: list[str] = Field(default_factory=list, description="fnmatch patterns over module names to add")
+    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns over module names to drop")
+
+
+class PruneConfig(_Section):
+    method: Literal[PRUNE_METHODS] = "none"
+    ratio: float | None = Field(None, description="fraction of weights zeroed; N:M patterns imply 1 - N/M")
+    scope: Literal["per_layer", "global"] = "per_layer"
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N kept of every M inputs)")
+    steps: int = Field(4, ge=1, le=64, description="gradual: number of pruning steps")
+    calibration_file: Path | None = Field(None, description="calibration text; default ships with the package")
+    calibration_tokens: int = Field(2048, ge=64, le=1 << 20)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        if value != "unstructured":
+            n_m = value.split(":")
+            if len(n_m) != 2 or not all(p.isdigit() for p in n_m) or not 0 < int(n_m[0]) < int(n_m[1]):
+                raise ValueError(f"pattern must be 'unstructured' or 'N:M' with 0 < N < M, got {value!r}")
+        return value
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(kept, group) for an N:M pattern, else None."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @model_validator(mode="after")
+    def _ratio(self) -> PruneConfig:
+        if self.method == "none":
+            return self
+        if self.n_m is not None:
+            if self.method not in ("magnitude", "gradual"):
+                raise ValueError(f"pattern {self.pattern} works with magnitude or gradual, not {self.method}")
+            implied = 1 - self.n_m[0] / self.n_m[1]
+            if self.ratio is not None and abs(self.ratio - implied) > 1e-6:
+                raise ValueError(f"pattern {self.pattern} fixes the ratio at {implied:g}, got ratio={self.ratio}")
+            return self
+        if self.ratio is None or not MIN_RATIO <= self.ratio <= MAX_RATIO:
+            raise ValueError(f"ratio must be within [{MIN_RATIO}, {MAX_RATIO}] for method {self.method}, got {self.ratio}")
+        if self.method == "layer_norm" and self.scope != "per_layer":
+            raise ValueError("layer_norm prunes within each layer; scope must be per_layer")
+        return self
+
+    @property
+    def target_ratio(self) -> float:
+        if self.method == "none":
+            return 0.0
+        return 1 - self.n_m[0] / self.n_m[1] if self.n_m else self.ratio
+
+
+class QuantConfig(_Section):
+    mode: Literal[QUANT_MODES] = "int8_weight_only"
+
+
+class CompileConfig(_Section):
+    mode: Literal[COMPILE_MODES] = "default"
+    backend: str = "inductor"
+    vision: bool = Field(False, description="also compile the vision tower's encoder layers")
+    warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
+
+
+class PipelineConfig(_Section):
+    model: str = Field("weights/gemma-3-4b-it", description="preset name, HF folder, .gguf file or hub id")
+    fallback_model: str | None = Field(None, description="served when `model` is a missing folder")
+    device: str = Field("auto", description="'auto' picks cuda when available")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None, **overrides) -> PipelineConfig:
+        """Defaults, then a YAML/TOML file (``path`` or ``$GEMMA_OPT_CONFIG``), then env vars, then overrides."""
+        env = dict(os.environ if env is None else env)
+        data: dict = {}
+        path = path or env.get("GEMMA_OPT_CONFIG")
+        if path:
+            text = Path(path).read_text()
+            data = tomllib.loads(text) if str(path).endswith(".toml") else (yaml.safe_load(text) or {})
+        _merge(data, _from_env(env))
+        _merge(data, overrides)
+        return cls.validated(data)
+
+    @classmethod
+    def validated(cls, data: dict) -> PipelineConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError("invalid pipeline config: " + "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())) from None
+
+    def replace(self, **sections: dict) -> PipelineConfig:
+        """A copy with some options changed, e.g. ``cfg.replace(prune={"ratio": 0.3})``; validated."""
+        data = self.model_dump()
+        _merge(data, sections)
+        return self.validated(data)
+
+
+def env_names() -> dict[str, tuple[str, ...]]:
+    """Every ``GEMMA_OPT_*`` variable and the option path it sets."""
+    names = {}
+    for field, info in PipelineConfig.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, _Section):
+            for sub in section.model_fields:
+                names[f"GEMMA_OPT_{field}_{sub}".upper()] = (field, sub)
+        else:
+            names[f"GEMMA_OPT_{field}".upper()] = (field,)
+    return names
+
+
+def _from_env(env: dict[str, str]) -> dict:
+    data: dict = {}
+    for name, path in env_names().items():
+        if name in env:
+            value: object = env[name]
+            if path[-1] in ("include", "exclude"):
+                value = [p.strip() for p in env[name].split(",") if p.strip()]
+            elif value == "":
+                value = None
+            _merge(data, {path[0]: value} if len(path) == 1 else {path[0]: {path[1]: value}})
+    return data
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value

