@@ -1,0 +1,15 @@
+"""Gemma 3 behind a compression pipeline: filter map -> pruning -> torchao INT8 -> regional compile."""
+
+from .compilation import compile_blocks
+from .config import CompileConfig, ConfigError, FilterConfig, PipelineConfig, PruneConfig, QuantConfig
+from .filtering import build_filter_map
+from .models import LoadedModel, load_model
+from .pipeline import Report, load_and_optimize, optimize
+from .pruning import GradualPruner, prune
+from .quantization import quantize, weight_bytes
+
+__all__ = [
+    "CompileConfig", "ConfigError", "FilterConfig", "GradualPruner", "LoadedModel", "PipelineConfig",
+    "PruneConfig", "QuantConfig", "Report", "build_filter_map", "compile_blocks", "load_and_optimize",
+    "load_model", "optimize", "prune", "quantize", "weight_bytes",
+]

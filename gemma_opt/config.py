@@ -68,16 +68,16 @@ class PruneConfig(_Section):
         if self.method == "none":
             return self
         if self.n_m is not None:
-            if self.method not in ("magnitude", "gradual"):
-                raise ValueError(f"pattern {self.pattern} works with magnitude or gradual, not {self.method}")
+            if self.method != "magnitude":
+                raise ValueError(f"pattern {self.pattern} works with magnitude, not {self.method}")
             implied = 1 - self.n_m[0] / self.n_m[1]
             if self.ratio is not None and abs(self.ratio - implied) > 1e-6:
                 raise ValueError(f"pattern {self.pattern} fixes the ratio at {implied:g}, got ratio={self.ratio}")
             return self
         if self.ratio is None or not MIN_RATIO <= self.ratio <= MAX_RATIO:
             raise ValueError(f"ratio must be within [{MIN_RATIO}, {MAX_RATIO}] for method {self.method}, got {self.ratio}")
-        if self.method == "layer_norm" and self.scope != "per_layer":
-            raise ValueError("layer_norm prunes within each layer; scope must be per_layer")
+        if self.method in ("layer_norm", "gradual") and self.scope != "per_layer":
+            raise ValueError(f"{self.method} prunes each layer on its own; scope must be per_layer")
         return self
 
     @property

@@ -179,8 +179,7 @@ def _random_multimodal(config, name: str, dtype: torch.dtype, image_size: int) -
     from transformers import Gemma3ForConditionalGeneration
 
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Gemma3ForConditionalGeneration(config).to(dtype)
+    model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)  # initialised in dtype, not fp32
     model.generation_config.eos_token_id = [1, 106]
     processor = gemma_processor(image_size, config.mm_tokens_per_image)
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,88 @@
+"""``optimize(loaded, config)``: filter map -> pruning -> quantization -> selective compile,
+run once, with a report of what each stage did."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .compilation import compile_blocks, warm_up
+from .config import PipelineConfig
+from .filtering import build_filter_map
+from .models import LoadedModel, ModelNotFoundError, load_model
+from .pruning import PruneReport, prune
+from .quantization import quantize, weight_bytes
+
+
+@dataclass
+class Report:
+    model: str
+    config: dict
+    filtered: list[str]
+    prune: PruneReport
+    weight_bytes_before: int
+    weight_bytes_after: int
+    compiled: list[str]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        s = self.stage_seconds
+        return (f"{self.model}: {len(self.filtered)} modules in the filter map; "
+                f"prune {self.prune.method} -> {self.prune.overall:.1%} sparsity ({s.get('prune', 0):.1f}s); "
+                f"quant {self.config['quant']['mode']}: {self.weight_bytes_before / 1e9:.3f} GB -> "
+                f"{self.weight_bytes_after / 1e9:.3f} GB ({s.get('quantize', 0):.1f}s); "
+                f"compiled {len(self.compiled)} blocks ({s.get('compile', 0):.1f}s with warm-up)")
+
+
+def optimize(loaded: LoadedModel, config: PipelineConfig) -> Report:
+    """Run every stage once on ``loaded.model`` in place."""
+    model, seconds = loaded.model, {}
+    t = time.perf_counter()
+    fmap = build_filter_map(model, config.filter)
+    seconds["filter"] = time.perf_counter() - t
+    before = weight_bytes(model)
+
+    prune_report = prune(model, fmap, config.prune, loaded.tokenizer)
+    seconds["prune"] = prune_report.seconds
+
+    t = time.perf_counter()
+    quantize(model, fmap, config.quant)
+    seconds["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    compiled = compile_blocks(model, config.compile)
+    if compiled and config.compile.warmup:
+        warm_up(loaded)
+    seconds["compile"] = time.perf_counter() - t
+    return Report(loaded.name, config.model_dump(mode="json"), list(fmap.modules), prune_report, before,
+                  weight_bytes(model), compiled, seconds)
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load(config: PipelineConfig) -> LoadedModel:
+    """The configured model, or the configured fallback when its folder is missing."""
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    try:
+        return load_model(config.model, device, dtype)
+    except ModelNotFoundError:
+        if not config.fallback_model or Path(config.model).exists():
+            raise
+        return load_model(config.fallback_model, device, dtype)
+
+
+def load_and_optimize(config: PipelineConfig) -> tuple[LoadedModel, Report]:
+    t = time.perf_counter()
+    loaded = load(config)
+    load_s = time.perf_counter() - t
+    report = optimize(loaded, config)
+    report.stage_seconds = {"load": load_s, **report.stage_seconds}
+    return loaded, report

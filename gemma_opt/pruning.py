@@ -1,0 +1,330 @@
+"""Pruning: zero weights in place; shapes stay, zeros are exact.
+
+- ``magnitude``: unstructured (per layer or global) or N:M, smallest |w| zeroed.
+  Selection is an exact radix select over the float bits of |w| (two 65536-bin
+  histograms, chunked), so it needs O(chunk) extra memory on any matrix, the
+  262k-row LM head included, and hits the target count to the element.
+- ``gradual``: Zhu & Gupta's cubic schedule over N steps, nested masks, and after
+  every step a layer-wise reconstruction of the surviving weights against the dense
+  layer's outputs on calibration text (the OBS update used by SparseGPT, with the
+  mask fixed). Without that recovery, gradual magnitude pruning would give exactly
+  the one-shot masks.
+- ``layer_norm``: structured, no forward pass. MLP neurons are pruned as a unit (gate
+  row i, up row i, down column i, scored by the L2 norm of all three), so a pruned
+  neuron is removed exactly; q/k/v lose their lowest-norm output rows; o_proj loses
+  its lowest-norm input columns (head dimensions). Output rows of o_proj/down_proj
+  are never zeroed: they are residual-stream channels, shared by every later layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, PruneConfig
+from .filtering import FilterMap
+
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
+_CHUNK = 1 << 24  # elements per chunk in the radix select
+_OUTPUT_PROJ = ("o_proj", "out_proj", "down_proj", "fc2")
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target: float
+    per_layer: dict[str, float] = field(default_factory=dict)  # achieved sparsity of each module
+    overall: float = 0.0
+    seconds: float = 0.0
+    unrecovered: list[str] = field(default_factory=list)  # gradual: modules calibration never reached
+
+
+# ---------------------------------------------------------------------------- selection
+def smallest_masks(scores: list[Tensor], k: int) -> list[Tensor]:
+    """Boolean masks marking exactly the ``k`` smallest entries over all ``scores`` (>= 0).
+
+    Ties at the threshold are broken by position, so the count is exact.
+    """
+    total = sum(s.numel() for s in scores)
+    if not 0 <= k <= total:
+        raise ValueError(f"cannot select {k} of {total} entries")
+    if k == 0:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    bits = lambda chunk: chunk.float().view(torch.int32)  # monotonic in the value for floats >= 0
+    chunks = lambda: (c for s in scores for c in s.reshape(-1).split(_CHUNK))
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for c in chunks():
+        high += torch.bincount(bits(c) >> 16, minlength=1 << 16)
+    cum = high.cumsum(0)
+    hi = int(torch.searchsorted(cum, k))
+    below = int(cum[hi - 1]) if hi else 0
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for c in chunks():
+        b = bits(c)
+        low += torch.bincount(b[(b >> 16) == hi] & 0xFFFF, minlength=1 << 16)
+    cum = low.cumsum(0)
+    lo = int(torch.searchsorted(cum, k - below))
+    below += int(cum[lo - 1]) if lo else 0
+    threshold, ties_left = (hi << 16) | lo, k - below
+    masks = []
+    for s in scores:
+        b = bits(s)
+        mask = b < threshold
+        if ties_left:
+            tie = (b == threshold).reshape(-1)
+            take = tie & (tie.cumsum(0) <= ties_left)
+            ties_left -= int(take.sum())
+            mask |= take.view_as(mask)
+        masks.append(mask)
+    return masks
+
+
+def n_m_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Prune the ``m - n`` smallest of every ``m`` consecutive inputs of each row."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    for start in range(0, rows, 4096):  # topk over groups of m only; rows chunked to bound memory
+        part = groups[start:start + 4096].float()
+        mask[start:start + 4096].scatter_(-1, part.topk(m - n, dim=-1, largest=False).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def sparsity_of(weight: Tensor) -> float:
+    return float((weight == 0).sum()) / weight.numel()
+
+
+@torch.no_grad()
+def apply_masks_(modules: dict[str, nn.Linear], masks: dict[str, Tensor]) -> None:
+    for name, mask in masks.items():
+        modules[name].weight.masked_fill_(mask, 0)
+
+
+# ---------------------------------------------------------------------------- magnitude
+def magnitude_masks(modules: dict[str, nn.Linear], ratio: float, scope: str = "per_layer",
+                    n_m: tuple[int, int] | None = None, keep: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Masks (True = pruned) of the smallest |w|. ``keep``: masks already pruned, kept pruned (nested)."""
+    scores = {}
+    for name, mod in modules.items():
+        score = mod.weight.detach().abs()
+        if keep is not None:  # already-pruned weights score below every surviving one
+            score = torch.where(keep[name], 0.0, score.float() + 1e-30)
+        scores[name] = score
+    if n_m is not None:
+        return {name: n_m_mask(s, *n_m) for name, s in scores.items()}
+    if scope == "global":
+        names = list(scores)
+        k = round(ratio * sum(s.numel() for s in scores.values()))
+        return dict(zip(names, smallest_masks([scores[n] for n in names], k)))
+    return {name: smallest_masks([s], round(ratio * s.numel()))[0] for name, s in scores.items()}
+
+
+# ---------------------------------------------------------------------------- layer_norm
+def layer_norm_masks(modules: dict[str, nn.Linear], ratio: float) -> dict[str, Tensor]:
+    """Structured masks from L2 norms; see the module docstring for which dimension each loses."""
+    masks: dict[str, Tensor] = {}
+    mlps: dict[str, dict[str, nn.Linear]] = {}
+    for name, mod in modules.items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2"):
+            mlps.setdefault(prefix, {})[leaf] = mod
+        else:
+            w = mod.weight.detach().float()
+            by_column = leaf in _OUTPUT_PROJ
+            norms = w.norm(dim=0) if by_column else w.norm(dim=1)
+            drop = _lowest(norms, ratio)
+            masks[name] = (drop[None, :] if by_column else drop[:, None]).expand_as(w).clone()
+    for prefix, parts in mlps.items():
+        # Neuron i: row i of gate/up/fc1, column i of down/fc2.
+        norms2 = sum(m.weight.detach().float().pow(2).sum(dim=0 if leaf in _OUTPUT_PROJ else 1)
+                     for leaf, m in parts.items())
+        drop = _lowest(norms2, ratio)
+        for leaf, m in parts.items():
+            by_column = leaf in _OUTPUT_PROJ
+            masks[f"{prefix}.{leaf}"] = (drop[None, :] if by_column else drop[:, None]).expand_as(m.weight).clone()
+    return {name: masks[name] for name in modules}
+
+
+def _lowest(norms: Tensor, ratio: float) -> Tensor:
+    drop = torch.zeros_like(norms, dtype=torch.bool)
+    drop[norms.argsort()[:round(ratio * norms.numel())]] = True
+    return drop
+
+
+# ---------------------------------------------------------------------------- gradual
+class GradualPruner:
+    """Raises sparsity from ``initial`` to ``final`` over ``steps`` calls of :meth:`step`.
+
+    Zhu & Gupta (2017): s_t = s_f + (s_i - s_f)(1 - t/n)^3. Masks are nested; a forward
+    pre-hook re-applies them, so inside a fine-tuning loop pruned weights stay zero
+    after every optimizer step. ``recover(masks)`` runs after each step (pass None in a
+    training loop, where the training itself recovers). Call :meth:`remove` when done.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], final: float, steps: int, initial: float = 0.0,
+                 recover: Callable[[dict[str, Tensor]], None] | None = None):
+        self.modules, self.final, self.steps, self.initial, self.recover = modules, final, steps, initial, recover
+        self.t = 0
+        self.masks = {n: torch.zeros_like(m.weight, dtype=torch.bool) for n, m in modules.items()}
+        self._hooks = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def ratio_at(self, t: int) -> float:
+        return self.final + (self.initial - self.final) * (1 - min(t, self.steps) / self.steps) ** 3
+
+    @torch.no_grad()
+    def step(self) -> float:
+        self.t += 1
+        ratio = self.ratio_at(self.t)
+        self.masks = magnitude_masks(self.modules, ratio, keep=self.masks)
+        apply_masks_(self.modules, self.masks)
+        if self.recover is not None:
+            self.recover(self.masks)
+            apply_masks_(self.modules, self.masks)
+        return ratio
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            with torch.no_grad():
+                module.weight.masked_fill_(self.masks[name], 0)
+        return hook
+
+
+def inverse_hessian_factor(hessian: Tensor, damp: float = 0.01) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as SparseGPT uses it."""
+    h = hessian.clone()
+    dead = h.diagonal() == 0  # inputs that were always zero: any weight there is as good as another
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+@torch.no_grad()
+def reconstruct(dense: Tensor, mask: Tensor, hinv: Tensor, block: int = 128) -> Tensor:
+    """argmin ||(W - W_dense) X||^2 over W with W[mask] = 0, by the OBS column sweep.
+
+    ``hinv`` is :func:`inverse_hessian_factor` of X X^T / n from calibration inputs.
+    This is SparseGPT's update with the mask given rather than chosen: each pruned
+    weight's error is spread over the not-yet-visited columns of its row.
+    """
+    w = dense.float().clone()
+    maskf = mask.float()
+    cols = w.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, m1, hinv1 = w[:, i1:i2].clone(), maskf[:, i1:i2], hinv[i1:i2, i1:i2]
+        err1 = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            err = w1[:, i] * m1[:, i] / hinv1[i, i]
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+            err1[:, i] = err
+        w[:, i1:i2] = w1.masked_fill_(m1.bool(), 0)
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    return w.to(dense.dtype)
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, modules: dict[str, nn.Linear], batches: list[Tensor]) -> dict[str, Tensor]:
+    """X X^T / n of each module's inputs over the calibration batches (hooks; no activations kept)."""
+    sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    counts = dict.fromkeys(modules, 0)
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in modules if counts[n]}
+
+
+def calibration_batches(tokenizer, config: PruneConfig, seq_len: int = 512) -> list[Tensor]:
+    """``calibration_tokens`` tokens of the calibration text, as BOS-led sequences of ``seq_len``."""
+    text = Path(config.calibration_file or DEFAULT_CALIBRATION).read_text()
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    body = seq_len - 1
+    n = min(config.calibration_tokens, len(ids)) // body
+    if n == 0:
+        raise ConfigError(f"calibration text has {len(ids)} tokens; at least {body} are needed")
+    bos = torch.tensor([tokenizer.bos_token_id])
+    return [torch.cat([bos, ids[i * body:(i + 1) * body]])[None] for i in range(n)]
+
+
+def _gradual(model: nn.Module, modules: dict[str, nn.Linear], config: PruneConfig, batches: list[Tensor],
+             hessian_budget_bytes: int) -> list[str]:
+    """Gradual pruning with reconstruction, in groups of modules whose Hessians fit the budget."""
+    unrecovered: list[str] = []
+    for group in _groups(modules, hessian_budget_bytes):
+        factors = {n: inverse_hessian_factor(h) for n, h in input_hessians(model, group, batches).items()}
+        unrecovered += [n for n in group if n not in factors]
+        dense = {n: m.weight.detach().cpu().clone() for n, m in group.items()}
+
+        def recover(masks, group=group, factors=factors, dense=dense):
+            for n, hinv in factors.items():
+                group[n].weight.copy_(reconstruct(dense[n], masks[n].cpu(), hinv))
+
+        pruner = GradualPruner(group, config.target_ratio, config.steps, recover=recover)
+        for _ in range(config.steps):
+            pruner.step()
+        pruner.remove()
+    return unrecovered
+
+
+def _groups(modules: dict[str, nn.Linear], budget: int):
+    group, size = {}, 0
+    for n, m in modules.items():
+        cost = 4 * m.in_features ** 2
+        if group and size + cost > budget:
+            yield group
+            group, size = {}, 0
+        group[n], size = m, size + cost
+    if group:
+        yield group
+
+
+# ---------------------------------------------------------------------------- entry point
+def prune(model: nn.Module, fmap: FilterMap, config: PruneConfig, tokenizer=None,
+          hessian_budget_bytes: int = 2 << 30) -> PruneReport:
+    """Prune the modules of ``fmap`` in place, as ``config`` says; returns what was achieved."""
+    start = time.perf_counter()
+    modules = fmap.modules
+    report = PruneReport(config.method, config.target_ratio)
+    if config.method == "none":
+        return report
+    if config.method == "magnitude":
+        apply_masks_(modules, magnitude_masks(modules, config.ratio or 0.0, config.scope, config.n_m))
+    elif config.method == "layer_norm":
+        apply_masks_(modules, layer_norm_masks(modules, config.ratio))
+    elif config.method == "gradual":
+        if tokenizer is None:
+            raise ConfigError("gradual pruning needs a tokenizer for its calibration text")
+        report.unrecovered = _gradual(model, modules, config, calibration_batches(tokenizer, config),
+                                      hessian_budget_bytes)
+    zeros = total = 0
+    for name, mod in modules.items():
+        z = int((mod.weight == 0).sum())
+        report.per_layer[name] = z / mod.weight.numel()
+        zeros, total = zeros + z, total + mod.weight.numel()
+    report.overall = zeros / total
+    report.seconds = time.perf_counter() - start
+    return report

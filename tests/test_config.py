@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from gemma_opt.config import ConfigError, PipelineConfig, env_names
+from gemma_opt.filtering import build_filter_map
+from gemma_opt.quantization import check_supported
+
+
+def test_defaults_are_the_product_pipeline():
+    cfg = PipelineConfig()
+    assert cfg.model == "weights/gemma-3-4b-it"
+    assert (cfg.prune.method, cfg.quant.mode, cfg.compile.mode) == ("none", "int8_weight_only", "default")
+
+
+@pytest.mark.parametrize("prune, message", [
+    ({"method": "magnitude", "ratio": 0.9}, "ratio must be within [0.01, 0.8]"),
+    ({"method": "magnitude", "ratio": 0.005}, "ratio must be within [0.01, 0.8]"),
+    ({"method": "magnitude"}, "ratio must be within"),
+    ({"method": "snip", "ratio": 0.3}, "prune.method"),
+    ({"method": "magnitude", "pattern": "2:4", "ratio": 0.3}, "fixes the ratio at 0.5"),
+    ({"method": "magnitude", "pattern": "4:2"}, "pattern must be"),
+    ({"method": "layer_norm", "ratio": 0.3, "scope": "global"}, "scope must be per_layer"),
+])
+def test_bad_prune_config_raises_one_clear_error(prune, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        PipelineConfig.validated({"prune": prune})
+
+
+def test_n_m_pattern_implies_its_ratio():
+    cfg = PipelineConfig.validated({"prune": {"method": "magnitude", "pattern": "2:4"}})
+    assert cfg.prune.target_ratio == 0.5 and cfg.prune.n_m == (2, 4)
+
+
+def test_unknown_quantization_and_compile_modes_are_rejected():
+    with pytest.raises(ConfigError, match="quant.mode"):
+        PipelineConfig.validated({"quant": {"mode": "int3"}})
+    with pytest.raises(ConfigError, match="compile.mode"):
+        PipelineConfig.validated({"compile": {"mode": "fast"}})
+
+
+def test_int4_on_this_cpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="int4_weight_only is not supported by torchao .* on cpu"):
+        check_supported("int4_weight_only", nn.Linear(8, 8, dtype=torch.bfloat16))
+
+
+def test_filter_pattern_matching_nothing_is_an_error():
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].mlp = nn.Module()
+    model.layers[0].mlp.up_proj = nn.Linear(4, 4)
+    assert list(build_filter_map(model).modules) == ["layers.0.mlp.up_proj"]
+    for key in ("include", "exclude"):
+        with pytest.raises(ConfigError, match=f"{key} pattern '\\*q_porj' matches no"):
+            build_filter_map(model, PipelineConfig.validated({"filter": {key: ["*q_porj"]}}).filter)
+
+
+def test_every_option_has_an_env_var_and_env_overrides_file(tmp_path):
+    names = env_names()
+    assert {"GEMMA_OPT_MODEL", "GEMMA_OPT_PRUNE_METHOD", "GEMMA_OPT_PRUNE_RATIO", "GEMMA_OPT_QUANT_MODE",
+            "GEMMA_OPT_COMPILE_MODE", "GEMMA_OPT_FILTER_INCLUDE_VISION"} <= set(names)
+    yaml_file = tmp_path / "pipeline.yaml"
+    yaml_file.write_text("model: tiny-random\nprune: {method: magnitude, ratio: 0.2}\n")
+    cfg = PipelineConfig.load(yaml_file, env={"GEMMA_OPT_PRUNE_RATIO": "0.4", "GEMMA_OPT_FILTER_EXCLUDE": "*down_proj, *up_proj"})
+    assert (cfg.model, cfg.prune.method, cfg.prune.ratio) == ("tiny-random", "magnitude", 0.4)
+    assert cfg.filter.exclude == ["*down_proj", "*up_proj"]
+    toml_file = tmp_path / "pipeline.toml"
+    toml_file.write_text('[quant]\nmode = "none"\n')
+    assert PipelineConfig.load(env={"GEMMA_OPT_CONFIG": str(toml_file)}).quant.mode == "none"
+    with pytest.raises(ConfigError, match="prune.ratio"):
+        PipelineConfig.load(env={"GEMMA_OPT_PRUNE_METHOD": "magnitude", "GEMMA_OPT_PRUNE_RATIO": "lots"})
