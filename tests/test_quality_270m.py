@@ -1,0 +1,82 @@
+"""The pipeline on the real Gemma 3 270M: perplexity on the shipped evaluation text
+(never used for calibration), with bounds measured on this model."""
+
+import json
+
+import pytest
+import torch
+
+from gemma_opt.config import PipelineConfig
+from gemma_opt.evaluation import perplexity
+from gemma_opt.generation import SamplingParams, generate_text
+from gemma_opt.models import load_model
+from gemma_opt.pipeline import optimize
+
+pytestmark = pytest.mark.slow
+UNTOUCHED = ("embed", "norm", "lm_head", "multi_modal_projector")
+VARIANTS = [("none", None, "none"), ("none", None, "int8_weight_only")] + [
+    (method, ratio, "int8_weight_only") for method in ("magnitude", "gradual", "layer_norm") for ratio in (0.02, 0.3, 0.5)
+] + [("magnitude", 0.7, "int8_weight_only"), ("gradual", 0.7, "int8_weight_only")]
+
+
+def untouched(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if any(k in n for k in UNTOUCHED)}
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    rows, identical = {}, {}
+    for method, ratio, quant in VARIANTS:
+        loaded = load_model("gemma-3-270m")
+        before = untouched(loaded.model)
+        config = PipelineConfig.validated({"prune": {"method": method, "ratio": ratio}, "quant": {"mode": quant},
+                                           "compile": {"mode": "none"}})
+        report = optimize(loaded, config)
+        after = untouched(loaded.model)
+        identical[(method, ratio, quant)] = before.keys() == after.keys() and all(
+            torch.equal(before[n], after[n]) for n in before)
+        rows[(method, ratio, quant)] = perplexity(loaded.model, loaded.tokenizer)
+        print(f"{method:10} {ratio!s:5} {quant:17} ppl={rows[(method, ratio, quant)]:.3f} "
+              f"sparsity={report.prune.overall:.3f} prune_s={report.prune.seconds:.1f}")
+    (tmp_path_factory.getbasetemp() / "quality_270m.json").write_text(json.dumps({str(k): v for k, v in rows.items()}))
+    return rows, identical
+
+
+def test_int8_alone_stays_within_2_percent_of_dense(table):
+    rows, _ = table
+    dense = rows[("none", None, "none")]
+    assert 15 < dense < 40  # the real model on real text (measured: 23.08)
+    assert abs(rows[("none", None, "int8_weight_only")] / dense - 1) < 0.02
+
+
+def test_2_percent_magnitude_stays_within_1_percent(table):
+    rows, _ = table
+    assert abs(rows[("magnitude", 0.02, "int8_weight_only")] / rows[("none", None, "int8_weight_only")] - 1) < 0.01
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.7])
+def test_gradual_with_reconstruction_beats_one_shot_magnitude(table, ratio):
+    rows, _ = table
+    assert rows[("gradual", ratio, "int8_weight_only")] < 0.5 * rows[("magnitude", ratio, "int8_weight_only")]
+
+
+def test_quality_degrades_with_sparsity(table):
+    rows, _ = table
+    for method in ("magnitude", "gradual", "layer_norm"):
+        ppl = [rows[(method, r, "int8_weight_only")] for r in (0.02, 0.3, 0.5)]
+        assert ppl == sorted(ppl), (method, ppl)
+
+
+def test_embeddings_norms_and_head_are_bit_identical(table):
+    _, identical = table
+    assert all(identical.values()), [k for k, v in identical.items() if not v]
+
+
+def test_int8_greedy_generation_starts_like_dense():
+    prompt = "The three primary colours are"
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    dense = load_model("gemma-3-270m")
+    int8 = load_model("gemma-3-270m")
+    optimize(int8, PipelineConfig.validated({"compile": {"mode": "none"}}))
+    first = lambda loaded: loaded.tokenizer(generate_text(loaded, prompt, params=greedy)).input_ids[:6]
+    assert first(int8) == first(dense)
