@@ -125,7 +125,7 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        yield from streamer
+        yield from (text for text in streamer if text)
     finally:
         stop.set()
         thread.join()

@@ -1,0 +1,87 @@
+"""The serving core behind ``predict.py``: the deployment's optimized model, plus
+variants that a request asks for, each built once from the pristine weights."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import os
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import PipelineConfig
+from .generation import InputError
+from .models import LoadedModel
+from .pipeline import Report, load, optimize, resolve_device
+
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as decompression bombs
+
+
+class Service:
+    """Holds one dense copy of the weights on the CPU (never touched) and builds each
+    pipeline variant from it, so a variant never prunes an already-pruned model."""
+
+    def __init__(self, config: PipelineConfig, extra_variants: int = 1):
+        self.config, self.extra_variants = config, extra_variants
+        self.device = resolve_device(config.device)
+        loaded = load(config.model_copy(update={"device": "cpu"}))
+        self.pristine = copy.deepcopy(loaded.model)
+        loaded.model.to(self.device)
+        self.default_key = self._key(config)
+        self.variants: OrderedDict[tuple, tuple[LoadedModel, Report]] = OrderedDict()
+        self.variants[self.default_key] = (loaded, optimize(loaded, config))
+
+    @property
+    def default(self) -> tuple[LoadedModel, Report]:
+        return self.variants[self.default_key]
+
+    def variant_config(self, method: str, ratio: float | None, quantization: str) -> PipelineConfig:
+        prune = {"method": method, "ratio": ratio if method != "none" else None}
+        if method != "magnitude":
+            prune["pattern"] = "unstructured"
+        return self.config.replace(prune=prune, quant={"mode": quantization})
+
+    def get(self, method: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
+        """The variant for these choices: cached, or built from the pristine weights."""
+        config = self.variant_config(method, ratio, quantization)
+        key = self._key(config)
+        if key in self.variants:
+            if key != self.default_key:
+                self.variants.move_to_end(key)
+            return self.variants[key]
+        extras = [k for k in self.variants if k != self.default_key]
+        while extras and len(extras) >= self.extra_variants:
+            del self.variants[extras.pop(0)]  # least recently used first
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        base = self.default[0]
+        loaded = dataclasses.replace(base, model=copy.deepcopy(self.pristine).to(self.device))
+        self.variants[key] = (loaded, optimize(loaded, config))
+        return self.variants[key]
+
+    @staticmethod
+    def _key(config: PipelineConfig) -> tuple:
+        return config.prune.method, config.prune.ratio, config.prune.pattern, config.quant.mode
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image, or an InputError that says what is wrong with the file."""
+    if os.path.getsize(path) == 0:
+        raise InputError("image: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"image: too large to decode safely (limit {MAX_IMAGE_PIXELS:,} pixels): {e}") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"image: not a readable image file ({type(e).__name__}: {e})") from None
