@@ -34,7 +34,9 @@ def predict(args) -> None:
 
 def serve(args) -> None:
     """Exec the real Cog HTTP server (coglet) on predict.py with the chosen model."""
-    env = dict(os.environ, COG_PREDICT_TYPE_STUB=args.predictor, PORT=str(args.port))
+    # coglet's worker process runs `python` from PATH: make it this interpreter.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, COG_PREDICT_TYPE_STUB=args.predictor, PORT=str(args.port), PATH=path)
     if args.model:
         env["GEMMA_OPT_MODEL"] = args.model
     os.execvpe(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", args.host], env)

@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each creates .venv/ with the pinned versions.
+PYTHON ?= python3
+VENV := .venv
+HOST ?= 127.0.0.1
+PORT ?= 5000
+# Served when weights/gemma-3-4b-it is missing: the bundled Gemma 3 270M (text-only, works offline).
+export GEMMA_OPT_FALLBACK_MODEL ?= gemma-3-270m
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+.PHONY: install serve test test-fast schema eval bench
+install: $(VENV)/.installed
+
+serve: $(VENV)/.installed  ## the Cog HTTP server on $(HOST):$(PORT)
+	$(VENV)/bin/python -m gemma_opt serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed  ## the whole suite, slow tests included (~15 min on 2 cores)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+schema: $(VENV)/.installed  ## regenerate .cog/openapi_schema.json after changing predict.py
+	$(VENV)/bin/python -m gemma_opt schema

@@ -1,0 +1,68 @@
+"""Start the real Cog HTTP server (coglet) on 127.0.0.1 for tests."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    def __init__(self, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # coglet's worker runs `python` from PATH: put this interpreter's first.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        full_env = {**os.environ, **env, "PATH": path, "PORT": str(self.port),
+                    "COG_PREDICT_TYPE_STUB": "predict.py:Predictor"}
+        self.log = tempfile.NamedTemporaryFile("w", prefix="cog-server-", suffix=".log", delete=False)
+        self.process = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT,
+                                        env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.statuses: list[str] = []
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=5).json()
+
+    def wait_until_set_up(self, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                health = self.health()
+            except requests.ConnectionError:
+                time.sleep(0.2)
+                continue
+            if not self.statuses or self.statuses[-1] != health["status"]:
+                self.statuses.append(health["status"])
+            if health["status"] not in ("STARTING",):
+                return health
+            time.sleep(0.5)
+        raise TimeoutError(f"server not set up after {timeout}s: {self.statuses}; log: {self.log.name}")
+
+    def predict(self, timeout: float = 300, **inputs) -> requests.Response:
+        """A synchronous prediction. coglet frees a failed prediction's slot just after
+        answering, so a request sent at once may hear "at capacity": retry briefly, as a client would."""
+        for _ in range(50):
+            response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+            if "At capacity" not in response.text:
+                return response
+            time.sleep(0.1)
+        return response
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
+
+
+@pytest.mark.skipif(not SHARED_SCHEMA.exists(), reason="Cog's schema lives in ../shared")
+def test_cog_yaml_validates_against_cogs_own_schema():
+    jsonschema.validate(yaml.safe_load((ROOT / "cog.yaml").read_text()), json.loads(SHARED_SCHEMA.read_text()))
+
+
+def test_cog_yaml_uses_the_pins_installed_here():
+    cog = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    assert cog["build"]["gpu"] is True and cog["build"]["python_requirements"] == "requirements.txt"
+    assert cog["build"]["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert metadata.version(name).split("+")[0] == version, name
+
+
+def test_openapi_schema_is_in_sync_with_predict_py():
+    script = "import json, sys; from gemma_opt.cog_schema import *; " \
+             "os.environ.update(cog_yaml_environment()); sys.path.insert(0, '.'); print(json.dumps(openapi_schema()))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEMMA_OPT_")}
+    fresh = subprocess.run([sys.executable, "-c", "import os; " + script], cwd=ROOT, env=env, check=True,
+                           capture_output=True, text=True).stdout
+    committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert json.loads(fresh.strip().splitlines()[-1]) == committed, "run `python -m gemma_opt schema`"
+    assert committed["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+
+
+def test_local_predict_mirrors_cog_predict(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (80, 60), (10, 20, 200)).save(photo)
+    env = {**os.environ, "GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_COMPILE_MODE": "none"}
+    run = subprocess.run([sys.executable, "-m", "gemma_opt", "predict", "-i", "prompt=What colour?",
+                          "-i", f"image=@{photo}", "-i", "max_new_tokens=5", "-i", "seed=3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "seed: 3" in run.stdout and run.stdout.strip().splitlines()[-1].strip()

@@ -1,0 +1,196 @@
+"""The Cog service over HTTP: the real coglet server on 127.0.0.1 running predict.py."""
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from PIL import Image
+
+from cog_server import CogServer
+
+pytestmark = pytest.mark.slow
+
+
+def png_bytes(size=(96, 64), color=(30, 160, 90), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class _Files(BaseHTTPRequestHandler):
+    """Serves images and receives webhooks, on 127.0.0.1 only."""
+    files: dict[str, bytes] = {}
+    webhooks: list[dict] = []
+
+    def do_GET(self):
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def do_POST(self):
+        self.webhooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_files():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", _Files
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    server = CogServer({"GEMMA_OPT_MODEL": "tiny-random"})
+    health = server.wait_until_set_up()
+    assert health["status"] == "READY", health
+    yield server
+    server.stop()
+
+
+def test_health_goes_from_starting_to_ready(tiny_server):
+    assert tiny_server.statuses[0] == "STARTING" and tiny_server.statuses[-1] == "READY"
+
+
+def test_setup_failure_says_how_to_get_the_weights():
+    server = CogServer({"GEMMA_OPT_MODEL": "weights/not-downloaded"})
+    try:
+        health = server.wait_until_set_up(120)
+        assert health["status"] == "SETUP_FAILED"
+        assert "python -m gemma_opt download" in health["setup"]["logs"]
+    finally:
+        server.stop()
+
+
+def test_image_as_data_uri_and_as_http_url(tiny_server, http_files):
+    base, files = http_files
+    files.files["/photo.png"] = png_bytes()
+    for image in (data_uri(png_bytes()), f"{base}/photo.png"):
+        response = tiny_server.predict(prompt="What is in this picture?", image=image, max_new_tokens=8)
+        body = response.json()
+        assert body["status"] == "succeeded", body
+        assert "".join(body["output"])
+        assert body["metrics"]["input_token_count"] > 16  # the 16 image tokens are in the prompt
+        assert body["metrics"]["output_token_count"] == 8
+
+
+def test_streaming_yields_ordered_output_events(tiny_server):
+    response = requests.post(f"{tiny_server.url}/predictions", stream=True, timeout=120,
+                             headers={"Accept": "text/event-stream"},
+                             json={"input": {"prompt": "Hello", "max_new_tokens": 12, "temperature": 0}})
+    events = []
+    for block in response.text.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "completed"
+    outputs = [data for kind, data in events if kind == "output"]
+    assert len(outputs) >= 2
+    assert [o["index"] for o in outputs] == list(range(len(outputs)))
+    assert "".join(o["chunk"] for o in outputs) == "".join(events[-1][1]["output"])
+    assert {"time_to_first_token", "tokens_per_second", "sparsity"} <= {d["name"] for k, d in events if k == "metric"}
+
+
+def test_openapi_lists_every_input_with_description_and_bounds(tiny_server):
+    schema = requests.get(f"{tiny_server.url}/openapi.json", timeout=10).json()
+    props = schema["components"]["schemas"]["Input"]["properties"]
+    assert sorted(props, key=lambda name: props[name]["x-order"]) == ["prompt", "image", "system_prompt", "max_new_tokens", "temperature", "top_p", "top_k",
+                           "seed", "sparsity_method", "sparsity_ratio", "quantization"]
+    assert all(p.get("description") for p in props.values())
+    assert (props["max_new_tokens"]["minimum"], props["max_new_tokens"]["maximum"]) == (1, 8192)
+    assert (props["sparsity_ratio"]["minimum"], props["sparsity_ratio"]["maximum"]) == (0, 0.8)
+    assert schema["components"]["schemas"]["sparsity_method"]["enum"] == ["none", "magnitude", "gradual", "layer_norm"]
+    output = schema["components"]["schemas"]["Output"]
+    assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": 2.5}, "temperature"),
+    ({"sparsity_ratio": 0.9}, "sparsity_ratio"), ({"quantization": "int3"}, "quantization"),
+    ({"sparsity_method": "random"}, "sparsity_method"), ({"max_new_tokens": "many"}, "max_new_tokens"),
+])
+def test_invalid_inputs_get_422_naming_the_field(tiny_server, inputs, field):
+    response = tiny_server.predict(prompt="Hi", **inputs)
+    assert response.status_code == 422, response.text
+    assert field in json.dumps(response.json()["detail"])
+
+
+def test_bad_files_and_prompts_fail_clearly_and_the_server_keeps_serving(tiny_server):
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81M pixels in ~10 kB
+    cases = [
+        (data_uri(png_bytes()[:60]), "not a readable image"),
+        (data_uri(b"", "image/jpeg"), "empty"),
+        (data_uri(b"just some text, not a jpeg", "image/jpeg"), "not a readable image"),
+        (data_uri(bomb.getvalue()), "too large to decode safely"),
+    ]
+    for image, message in cases:
+        body = tiny_server.predict(prompt="Describe", image=image, max_new_tokens=4).json()
+        assert body["status"] == "failed" and message in body["error"], body
+    body = tiny_server.predict(prompt="word " * 5000, max_new_tokens=4).json()
+    assert body["status"] == "failed" and "exceeds this model's context of 4096 tokens" in body["error"], body
+    body = tiny_server.predict(prompt="Still there?", max_new_tokens=4).json()
+    assert body["status"] == "succeeded", body
+
+
+def test_cancel_stops_generation_and_frees_the_server(tiny_server, http_files):
+    base, files = http_files
+    started = time.monotonic()
+    response = requests.post(f"{tiny_server.url}/predictions", timeout=30,
+                             headers={"Prefer": "respond-async"},
+                             json={"id": "long-one", "webhook": f"{base}/hook", "webhook_events_filter": ["completed"],
+                                   "input": {"prompt": "Tell me everything.", "max_new_tokens": 4000}})
+    assert response.status_code == 202, response.text
+    time.sleep(2)
+    assert requests.post(f"{tiny_server.url}/predictions/long-one/cancel", timeout=30).status_code == 200
+    body = tiny_server.predict(prompt="Next one", max_new_tokens=4).json()
+    assert body["status"] == "succeeded", body
+    assert time.monotonic() - started < 60  # 4000 tokens would take far longer
+    deadline = time.monotonic() + 30
+    while not [h for h in files.webhooks if h.get("id") == "long-one"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    final = [h for h in files.webhooks if h.get("id") == "long-one"][-1]
+    assert final["status"] == "canceled"
+    assert final["metrics"].get("output_token_count", 0) < 4000
+
+
+def test_switching_sparsity_back_and_forth_is_reproducible(tiny_server):
+    def run(ratio):
+        body = tiny_server.predict(prompt="Tell me a story", max_new_tokens=10, seed=1234, temperature=1.0,
+                                   sparsity_method="magnitude", sparsity_ratio=ratio).json()
+        assert body["status"] == "succeeded", body
+        return "".join(body["output"]), body["metrics"]["sparsity"]
+
+    first = [run(0.3), run(0.6), run(0.3), run(0.6)]
+    assert first[0] == first[2] and first[1] == first[3]
+    assert first[0][1] == pytest.approx(0.3, abs=0.01) and first[1][1] == pytest.approx(0.6, abs=0.01)
+    assert first[0][0] != first[1][0]
+
+
+def test_the_270m_serves_text_and_refuses_images_clearly():
+    server = CogServer({"GEMMA_OPT_MODEL": "gemma-3-270m"})
+    try:
+        assert server.wait_until_set_up()["status"] == "READY"
+        body = server.predict(prompt="The capital of France is", max_new_tokens=6, temperature=0).json()
+        assert body["status"] == "succeeded" and "".join(body["output"]).strip(), body
+        body = server.predict(prompt="What is this?", image=data_uri(png_bytes()), max_new_tokens=4).json()
+        assert body["status"] == "failed" and "has no vision tower" in body["error"], body
+        assert server.predict(prompt="Hi", max_new_tokens=2).json()["status"] == "succeeded"
+    finally:
+        server.stop()
