@@ -68,6 +68,48 @@ def download(args) -> None:
     print(f"{args.repo}@{args.revision} verified in {dest}")
 
 
+def evaluate(args) -> None:
+    import json
+
+    from .evaluation import evaluate as run_eval
+    from .evaluation import plot
+
+    text = Path(args.text).read_text() if args.text else None
+    records = run_eval(args.model, args.methods.split(","), [float(r) for r in args.ratios.split(",")],
+                       args.quantization, text, args.window)
+    print("| method | ratio | quantization | sparsity | perplexity | KL mean | top-1 agreement | pipeline s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['method']} | {r['ratio']:g} | {r['quantization']} | {r['sparsity']:.1%} | {r['perplexity']:.2f} "
+              f"| {r['kl_mean']:.4f} | {r['top1_agreement']:.1%} | {r['pipeline_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    if args.plot:
+        plot(records, args.plot)
+
+
+def benchmark(args) -> None:
+    import json
+
+    from .bench import bench, table
+
+    records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats)
+    print(table(records))
+    r = records[0]
+    print(f"\nmeasured read bandwidth: {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s on {r['device']}, "
+          f"{r['threads']} threads; roofline = bandwidth / weight bytes read per decoded token")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+
+
+def bench_one(args) -> None:
+    import json
+
+    from .bench import run_variant
+
+    print(json.dumps(run_variant(args.model, args.variant, args.prompt_tokens, args.new_tokens, args.repeats)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gemma_opt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +134,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--revision", default=GEMMA_REVISION)
     p.add_argument("--dest", default="weights/gemma-3-4b-it")
     p.set_defaults(func=download)
+
+    p = commands.add_parser("eval", help="quality of pipeline variants against the dense model")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--methods", default="magnitude,gradual,layer_norm", help="comma list; 'none' = quantization only")
+    p.add_argument("--ratios", default="0.01,0.02,0.1,0.3,0.5,0.8")
+    p.add_argument("--quantization", default="int8_weight_only")
+    p.add_argument("--text", help="evaluation text file (default: the one shipped, never used for calibration)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window, BOS first")
+    p.add_argument("--json")
+    p.add_argument("--plot", help="PNG file")
+    p.set_defaults(func=evaluate)
+
+    for name, func, help_ in (("bench", benchmark, "speed and memory against plain transformers bf16"),
+                              ("bench-one", bench_one, argparse.SUPPRESS)):
+        p = commands.add_parser(name, help=help_)
+        p.add_argument("--model", default="gemma-3-270m")
+        p.add_argument("--prompt-tokens", type=int, default=128)
+        p.add_argument("--new-tokens", type=int, default=64)
+        p.add_argument("--repeats", type=int, default=3)
+        if name == "bench":
+            p.add_argument("--variants", default="int8-eager,int8-compile", help="comma list of named variants")
+            p.add_argument("--json")
+        else:
+            p.add_argument("--variant", required=True)
+        p.set_defaults(func=func)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -51,3 +51,61 @@ class Quality:
 def perplexity(model: nn.Module, tokenizer, text: str | None = None, window: int = 256) -> float:
     windows = eval_windows(tokenizer, text or DEFAULT_EVAL_TEXT.read_text(), window)
     return Quality.measure(log_probs(model, windows), windows).perplexity
+
+
+def evaluate(model: str, methods: list[str], ratios: list[float], quantization: str = "int8_weight_only",
+             text: str | None = None, window: int = 256) -> list[dict]:
+    """One record per pipeline variant, against the dense bf16 model on the same windows."""
+    from tqdm import tqdm
+
+    from .config import PipelineConfig
+    from .models import load_model
+    from .pipeline import optimize
+
+    dense = load_model(model)
+    windows = eval_windows(dense.tokenizer, text or DEFAULT_EVAL_TEXT.read_text(), window)
+    reference = log_probs(dense.model, windows)
+    records = [{"method": "dense", "ratio": 0.0, "quantization": "none", "sparsity": 0.0, "pipeline_s": 0.0,
+                **vars(Quality.measure(reference, windows, reference))}]
+    del dense
+    variants = [(m, r) for m in methods for r in ([None] if m == "none" else ratios)]
+    for method, ratio in tqdm(variants, desc="eval", unit="variant"):
+        loaded = load_model(model)
+        config = PipelineConfig.validated({"model": model, "prune": {"method": method, "ratio": ratio},
+                                           "quant": {"mode": quantization}, "compile": {"mode": "none"}})
+        report = optimize(loaded, config)
+        quality = Quality.measure(log_probs(loaded.model, windows), windows, reference)
+        records.append({"method": method, "ratio": ratio or 0.0, "quantization": quantization,
+                        "sparsity": report.prune.overall, "pipeline_s": sum(report.stage_seconds.values()),
+                        **vars(quality)})
+    for record in records:
+        record.update(window=window, tokens=sum(w.shape[1] - 1 for w in windows))
+    return records
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Perplexity and top-1 agreement against achieved sparsity, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in records if r["method"] == "dense")
+    fig, (ax_ppl, ax_agree) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in records if r["method"] not in ("dense", "none")):
+        rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["sparsity"])
+        x = [100 * r["sparsity"] for r in rows]
+        ax_ppl.plot(x, [r["perplexity"] for r in rows], marker="o", label=method)
+        ax_agree.plot(x, [100 * r["top1_agreement"] for r in rows], marker="o", label=method)
+    for ax, value in ((ax_ppl, dense["perplexity"]), (ax_agree, 100.0)):
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label="dense bf16")
+        ax.set_xlabel("achieved sparsity of the decoder linears (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_ylabel("perplexity (log scale; lower is better)")
+    ax_agree.set_ylabel("top-1 agreement with dense (%)")
+    quant = next((r["quantization"] for r in records if r["method"] != "dense"), "none")
+    fig.suptitle(f"Quality vs sparsity (each followed by {quant}); {dense['tokens']} held-out tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

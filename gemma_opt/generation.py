@@ -35,6 +35,7 @@ class SamplingParams:
     top_p: float = GENERATION_DEFAULTS["top_p"]
     top_k: int = GENERATION_DEFAULTS["top_k"]
     seed: int = 0
+    stop_at_eos: bool = True  # benchmarks decode a fixed number of tokens
 
 
 @dataclass
@@ -104,6 +105,8 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     kwargs = dict(inputs, max_new_tokens=params.max_new_tokens, do_sample=not greedy, streamer=streamer,
                   stopping_criteria=[_StopOn(stop)], eos_token_id=loaded.eos_token_ids,
                   pad_token_id=loaded.tokenizer.pad_token_id)
+    if not params.stop_at_eos:
+        kwargs["min_new_tokens"] = params.max_new_tokens
     if not greedy:
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     else:

@@ -1,0 +1,115 @@
+"""Speed and memory of pipeline variants against plain transformers bf16, in one run.
+
+Each variant runs in a fresh process (peak RSS is per process) and prints one JSON line;
+the parent adds the ratio to the baseline and the memory-bandwidth roofline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .config import PipelineConfig
+from .evaluation import DEFAULT_EVAL_TEXT
+from .generation import GenerationStats, SamplingParams, stream
+from .pipeline import load, optimize, resolve_device
+from .quantization import weight_bytes
+
+BASELINE = "hf-eager-bf16"
+VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), no pipeline
+    BASELINE: None,
+    "bf16-compile": {"quant": {"mode": "none"}},
+    "int8-eager": {"compile": {"mode": "none"}},
+    "int8-compile": {},
+}
+
+
+def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second for reading a large buffer (a sum over it), best of ``repeats``."""
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Set up one variant and time greedy decoding; runs in its own process."""
+    sections = VARIANTS[variant]
+    plain = {"quant": {"mode": "none"}, "compile": {"mode": "none"}}
+    config = PipelineConfig.validated({"model": model, **(plain if sections is None else sections)})
+    device = resolve_device(config.device)
+    t = time.perf_counter()
+    loaded = load(config)
+    setup = {"load": time.perf_counter() - t}
+    if sections is not None:
+        report = optimize(loaded, config)
+        setup.update(prune=report.stage_seconds["prune"], quantize=report.stage_seconds["quantize"],
+                     compile=report.stage_seconds["compile"])
+    ids = loaded.tokenizer(DEFAULT_EVAL_TEXT.read_text(), return_tensors="pt").input_ids[:, :prompt_tokens]
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
+    runs = []
+    for _ in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
+        stats = GenerationStats()
+        for _ in stream(loaded, inputs, params, stats, cache=sections is not None):
+            pass
+        runs.append(stats)
+    runs = runs[1:]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "model": model, "device": device, "setup_s": sum(setup.values()),
+            "setup_stages_s": setup, "ttft_s": statistics.median(r.ttft_s for r in runs),
+            "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "weight_bytes": weight_bytes(loaded.model), "decode_bytes_per_token": decode_bytes(loaded.model),
+            "peak_memory_bytes": peak, "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
+            "threads": torch.get_num_threads()}
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes read per decoded token: everything but the vision tower and projector
+    (the embedding table counts in full: it is also the tied LM head, read every token)."""
+    vision = sum(weight_bytes(m) for n, m in model.named_modules() if n.endswith(("vision_tower", "multi_modal_projector")))
+    return weight_bytes(model) - vision
+
+
+def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int) -> list[dict]:
+    names = [BASELINE] + [v for v in variants if v != BASELINE]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    records = []
+    for name in names:
+        cmd = [sys.executable, "-m", "gemma_opt", "bench-one", "--model", model, "--variant", name,
+               "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ).stdout
+        records.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  {name}: {records[-1]['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr)
+    bandwidth = measure_bandwidth(records[0]["device"])
+    base = records[0]["decode_tokens_per_s"]
+    for r in records:
+        roofline = bandwidth / r["decode_bytes_per_token"]
+        r.update(speedup_vs_baseline=r["decode_tokens_per_s"] / base, bandwidth_bytes_per_s=bandwidth,
+                 roofline_tokens_per_s=roofline, roofline_fraction=r["decode_tokens_per_s"] / roofline)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    head = "| variant | setup s (load/prune/quant/compile) | TTFT s | decode tok/s | vs baseline | weights GB | peak mem GB | roofline tok/s | of roofline |"
+    rows = [head, "|" + "---|" * 9]
+    for r in records:
+        stages = "/".join(f"{r['setup_stages_s'].get(k, 0):.1f}" for k in ("load", "prune", "quantize", "compile"))
+        rows.append(f"| {r['variant']} | {r['setup_s']:.1f} ({stages}) | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.2f} "
+                    f"| {r['speedup_vs_baseline']:.2f}x | {r['weight_bytes'] / 1e9:.3f} | {r['peak_memory_bytes'] / 1e9:.2f} "
+                    f"| {r['roofline_tokens_per_s']:.1f} | {r['roofline_fraction']:.0%} |")
+    return "\n".join(rows)

@@ -1,0 +1,48 @@
+"""The `eval` and `bench` commands, run as a user would run them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gemma_opt(*args: str) -> str:
+    run = subprocess.run([sys.executable, "-m", "gemma_opt", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.mark.slow
+def test_eval_writes_json_records_and_a_plot(tmp_path):
+    out = gemma_opt("eval", "--model", "gemma-3-270m", "--methods", "none,magnitude", "--ratios", "0.1,0.3",
+                    "--json", str(tmp_path / "eval.json"), "--plot", str(tmp_path / "eval.png"))
+    records = json.loads((tmp_path / "eval.json").read_text())
+    assert [(r["method"], r["ratio"]) for r in records] == [("dense", 0), ("none", 0), ("magnitude", 0.1),
+                                                             ("magnitude", 0.3)]
+    for r in records:
+        assert {"method", "ratio", "quantization", "perplexity", "kl_mean", "top1_agreement", "sparsity"} <= set(r)
+    dense, int8, m10, m30 = records
+    assert dense["kl_mean"] == pytest.approx(0, abs=1e-6) and dense["top1_agreement"] == 1
+    assert m30["perplexity"] > m10["perplexity"] and m30["kl_mean"] > m10["kl_mean"] > int8["kl_mean"]
+    assert m30["sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| magnitude | 0.3 |" in out
+
+
+def test_bench_reports_every_key_against_the_baseline(tmp_path):
+    out = gemma_opt("bench", "--model", "tiny-random", "--variants", "int8-eager", "--prompt-tokens", "16",
+                    "--new-tokens", "8", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["variant"] for r in records] == ["hf-eager-bf16", "int8-eager"]
+    for r in records:
+        assert {"variant", "setup_s", "ttft_s", "decode_tokens_per_s", "weight_bytes", "peak_memory_bytes",
+                "speedup_vs_baseline", "roofline_fraction"} <= set(r)
+        assert r["decode_tokens_per_s"] > 0 and r["peak_memory_bytes"] > r["weight_bytes"]
+    assert records[0]["speedup_vs_baseline"] == 1
+    assert records[1]["weight_bytes"] < records[0]["weight_bytes"]
+    assert "measured read bandwidth" in out
