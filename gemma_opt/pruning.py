@@ -139,20 +139,21 @@ def layer_norm_masks(modules: dict[str, nn.Linear], ratio: float) -> dict[str, T
             w = mod.weight.detach().float()
             by_column = leaf in _OUTPUT_PROJ
             norms = w.norm(dim=0) if by_column else w.norm(dim=1)
-            drop = _lowest(norms, ratio)
+            drop = lowest_mask(norms, ratio)
             masks[name] = (drop[None, :] if by_column else drop[:, None]).expand_as(w).clone()
     for prefix, parts in mlps.items():
         # Neuron i: row i of gate/up/fc1, column i of down/fc2.
         norms2 = sum(m.weight.detach().float().pow(2).sum(dim=0 if leaf in _OUTPUT_PROJ else 1)
                      for leaf, m in parts.items())
-        drop = _lowest(norms2, ratio)
+        drop = lowest_mask(norms2, ratio)
         for leaf, m in parts.items():
             by_column = leaf in _OUTPUT_PROJ
             masks[f"{prefix}.{leaf}"] = (drop[None, :] if by_column else drop[:, None]).expand_as(m.weight).clone()
     return {name: masks[name] for name in modules}
 
 
-def _lowest(norms: Tensor, ratio: float) -> Tensor:
+def lowest_mask(norms: Tensor, ratio: float) -> Tensor:
+    """True for the round(ratio * n) lowest entries."""
     drop = torch.zeros_like(norms, dtype=torch.bool)
     drop[norms.argsort()[:round(ratio * norms.numel())]] = True
     return drop
