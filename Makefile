@@ -4,7 +4,7 @@ VENV := .venv
 HOST ?= 127.0.0.1
 PORT ?= 5000
 # Served when weights/gemma-3-4b-it is missing: the bundled Gemma 3 270M (text-only, works offline).
-export GEMMA_OPT_FALLBACK_MODEL ?= gemma-3-270m
+FALLBACK_MODEL ?= gemma-3-270m
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 install: $(VENV)/.installed
 
 serve: $(VENV)/.installed  ## the Cog HTTP server on $(HOST):$(PORT)
-	$(VENV)/bin/python -m gemma_opt serve --host $(HOST) --port $(PORT)
+	GEMMA_OPT_FALLBACK_MODEL=$(FALLBACK_MODEL) $(VENV)/bin/python -m gemma_opt serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed  ## the whole suite, slow tests included (~15 min on 2 cores)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider

@@ -68,7 +68,7 @@ def test_health_goes_from_starting_to_ready(tiny_server):
 
 
 def test_setup_failure_says_how_to_get_the_weights():
-    server = CogServer({"GEMMA_OPT_MODEL": "weights/not-downloaded"})
+    server = CogServer({"GEMMA_OPT_MODEL": "weights/not-downloaded", "GEMMA_OPT_FALLBACK_MODEL": ""})
     try:
         health = server.wait_until_set_up(120)
         assert health["status"] == "SETUP_FAILED"
