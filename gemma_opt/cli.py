@@ -17,15 +17,16 @@ def predict(args) -> None:
     from cog import Path as CogPath
     from cog import _inspector
 
+    from .cog_schema import predictor_info
+
     sys.path.insert(0, os.getcwd())
-    module, name = args.predictor.split(":")
-    info = _inspector.create_predictor(module.removesuffix(".py"), name)
+    info = predictor_info(args.predictor)
     values = {}
     for item in args.input:
         key, _, value = item.partition("=")
         values[key] = CogPath(value[1:]) if value.startswith("@") else value
     inputs = _inspector.check_input(info.inputs, values)
-    predictor = getattr(importlib.import_module(module.removesuffix(".py")), name)()
+    predictor = getattr(importlib.import_module(info.module_name), info.predictor_name)()
     predictor.setup()
     for text in predictor.run(**inputs):
         print(text, end="", flush=True)

@@ -24,11 +24,16 @@ def cog_yaml_environment(path: str | Path = "cog.yaml") -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries)
 
 
-def openapi_schema(predictor_ref: str = "predict.py:Predictor") -> dict:
+def predictor_info(predictor_ref: str = "predict.py:Predictor"):
+    """cog's own description of the predictor's inputs and output (``cog._inspector``)."""
     from cog import _inspector
 
     module, name = predictor_ref.split(":")
-    info = _inspector.create_predictor(module.removesuffix(".py"), name)
+    return _inspector.create_predictor(module.removesuffix(".py"), name)
+
+
+def openapi_schema(predictor_ref: str = "predict.py:Predictor") -> dict:
+    info = predictor_info(predictor_ref)
     properties, required, enums = {}, [], {}
     for field in sorted(info.inputs.values(), key=lambda f: f.order):
         prop: dict = {"x-order": field.order}
@@ -53,7 +58,7 @@ def openapi_schema(predictor_ref: str = "predict.py:Predictor") -> dict:
     schemas = {"Input": {"title": "Input", "type": "object", "properties": properties, "required": required},
                "Output": info.output.json_type(), **enums, **_ENVELOPE}
     paths = json.loads(json.dumps(_PATHS))
-    if _is_streaming(Path(module), name):
+    if _is_streaming(Path(f"{info.module_name}.py"), info.predictor_name):
         paths["/predictions"]["post"]["x-cog-streaming"] = True  # coglet serves SSE only with this
     return {"openapi": "3.0.2", "info": {"title": "Cog", "version": "0.1.0"}, "paths": paths,
             "components": {"schemas": schemas}}

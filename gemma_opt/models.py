@@ -13,8 +13,6 @@ Presets:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,6 @@ class LoadedModel:
     tokenizer: object
     processor: object | None  # a Gemma3Processor when the model has a vision tower
     name: str
-    fingerprint: str  # identifies the weights, for caches keyed on them
 
     @property
     def has_vision(self) -> bool:
@@ -94,7 +91,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
     processor = AutoProcessor.from_pretrained(folder) if multimodal else None
     tokenizer = processor.tokenizer if processor else AutoTokenizer.from_pretrained(folder)
     _ensure_chat_template(tokenizer, processor)
-    return LoadedModel(model, tokenizer, processor, name, _folder_fingerprint(folder))
+    return LoadedModel(model, tokenizer, processor, name)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
@@ -109,7 +106,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
     _ensure_chat_template(tokenizer, None)
-    return LoadedModel(model, tokenizer, None, str(path), f"gguf-{path.stat().st_size}-{path.stat().st_mtime_ns}")
+    return LoadedModel(model, tokenizer, None, str(path))
 
 
 def _gemma_270m_folder() -> Path:
@@ -126,15 +123,6 @@ def _gemma_270m_folder() -> Path:
         tmp.rename(folder)  # atomic: a half-written folder is never taken for a finished one
         gguf.unlink()
     return folder
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    """Hash of the folder's file names, sizes and mtimes (cheap; weights are not re-read)."""
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def _ensure_chat_template(tokenizer, processor) -> None:
@@ -182,8 +170,7 @@ def _random_multimodal(config, name: str, dtype: torch.dtype, image_size: int) -
     model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)  # initialised in dtype, not fp32
     model.generation_config.eos_token_id = [1, 106]
     processor = gemma_processor(image_size, config.mm_tokens_per_image)
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return LoadedModel(model, processor.tokenizer, processor, name, f"random-{digest}")
+    return LoadedModel(model, processor.tokenizer, processor, name)
 
 
 def gemma_processor(image_size: int, image_tokens: int):

@@ -73,14 +73,17 @@ def smallest_masks(scores: list[Tensor], k: int) -> list[Tensor]:
     threshold, ties_left = (hi << 16) | lo, k - below
     masks = []
     for s in scores:
-        b = bits(s)
-        mask = b < threshold
-        if ties_left:
-            tie = (b == threshold).reshape(-1)
-            take = tie & (tie.cumsum(0) <= ties_left)
-            ties_left -= int(take.sum())
-            mask |= take.view_as(mask)
-        masks.append(mask)
+        mask = torch.empty(s.numel(), dtype=torch.bool)
+        for start, c in zip(range(0, s.numel(), _CHUNK), s.reshape(-1).split(_CHUNK)):
+            b = bits(c)
+            part = b < threshold
+            if ties_left:
+                tie = b == threshold
+                take = tie & (tie.cumsum(0) <= ties_left)
+                ties_left -= int(take.sum())
+                part |= take
+            mask[start:start + c.numel()] = part
+        masks.append(mask.view_as(s))
     return masks
 
 
@@ -95,10 +98,6 @@ def n_m_mask(scores: Tensor, n: int, m: int) -> Tensor:
         part = groups[start:start + 4096].float()
         mask[start:start + 4096].scatter_(-1, part.topk(m - n, dim=-1, largest=False).indices, True)
     return mask.reshape(rows, cols)
-
-
-def sparsity_of(weight: Tensor) -> float:
-    return float((weight == 0).sum()) / weight.numel()
 
 
 @torch.no_grad()
@@ -136,20 +135,26 @@ def layer_norm_masks(modules: dict[str, nn.Linear], ratio: float) -> dict[str, T
         if leaf in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2"):
             mlps.setdefault(prefix, {})[leaf] = mod
         else:
-            w = mod.weight.detach().float()
-            by_column = leaf in _OUTPUT_PROJ
-            norms = w.norm(dim=0) if by_column else w.norm(dim=1)
-            drop = lowest_mask(norms, ratio)
-            masks[name] = (drop[None, :] if by_column else drop[:, None]).expand_as(w).clone()
+            masks[name] = norm_mask(mod.weight, ratio, by_column=leaf in _OUTPUT_PROJ)
     for prefix, parts in mlps.items():
         # Neuron i: row i of gate/up/fc1, column i of down/fc2.
         norms2 = sum(m.weight.detach().float().pow(2).sum(dim=0 if leaf in _OUTPUT_PROJ else 1)
                      for leaf, m in parts.items())
         drop = lowest_mask(norms2, ratio)
         for leaf, m in parts.items():
-            by_column = leaf in _OUTPUT_PROJ
-            masks[f"{prefix}.{leaf}"] = (drop[None, :] if by_column else drop[:, None]).expand_as(m.weight).clone()
+            masks[f"{prefix}.{leaf}"] = line_mask(m.weight, drop, by_column=leaf in _OUTPUT_PROJ)
     return {name: masks[name] for name in modules}
+
+
+def norm_mask(weight: Tensor, ratio: float, by_column: bool) -> Tensor:
+    """Prune the lowest-L2-norm columns (inputs) or rows (outputs) of ``weight``."""
+    norms = weight.detach().float().norm(dim=0 if by_column else 1)
+    return line_mask(weight, lowest_mask(norms, ratio), by_column)
+
+
+def line_mask(weight: Tensor, drop: Tensor, by_column: bool) -> Tensor:
+    """A full-size mask from a per-column or per-row one."""
+    return (drop[None, :] if by_column else drop[:, None]).expand_as(weight).clone()
 
 
 def lowest_mask(norms: Tensor, ratio: float) -> Tensor:

@@ -7,14 +7,13 @@ pruning 30% by L2 norm in one group of projections at a time (the rest dense).
 from gemma_opt.evaluation import perplexity
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.models import load_model
-from gemma_opt.pruning import lowest_mask, apply_masks_, layer_norm_masks
+from gemma_opt.pruning import apply_masks_, layer_norm_masks, norm_mask
 
 RATIO = 0.3
 
 
-def input_column_masks(modules):
-    return {n: lowest_mask(m.weight.float().norm(dim=0), RATIO)[None, :].expand_as(m.weight).clone()
-            for n, m in modules.items()}
+def norm_masks(by_column):
+    return lambda modules, ratio: {n: norm_mask(m.weight, ratio, by_column) for n, m in modules.items()}
 
 
 GROUPS = {
@@ -22,9 +21,8 @@ GROUPS = {
     "q_proj output rows": ("q_proj", layer_norm_masks),
     "k_proj output rows": ("k_proj", layer_norm_masks),
     "v_proj output rows + o_proj input columns": (("v_proj", "o_proj"), layer_norm_masks),
-    "q/k/v input columns (residual channels)": (("q_proj", "k_proj", "v_proj"), lambda mods, _: input_column_masks(mods)),
-    "o_proj output rows (residual channels)": ("o_proj", lambda mods, _: {
-        n: lowest_mask(m.weight.float().norm(dim=1), RATIO)[:, None].expand_as(m.weight).clone() for n, m in mods.items()}),
+    "q/k/v input columns (residual channels)": (("q_proj", "k_proj", "v_proj"), norm_masks(by_column=True)),
+    "o_proj output rows (residual channels)": ("o_proj", norm_masks(by_column=False)),
 }
 
 dense = load_model("gemma-3-270m")

@@ -23,13 +23,11 @@ class CogServer:
     def __init__(self, env: dict[str, str]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # coglet's worker runs `python` from PATH: put this interpreter's first.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        full_env = {**os.environ, **env, "PATH": path, "PORT": str(self.port),
-                    "COG_PREDICT_TYPE_STUB": "predict.py:Predictor"}
         self.log = tempfile.NamedTemporaryFile("w", prefix="cog-server-", suffix=".log", delete=False)
-        self.process = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT,
-                                        env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        # `python -m gemma_opt serve` execs `python -m cog.server.http` on predict.py.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gemma_opt", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
         self.statuses: list[str] = []
 
     def health(self) -> dict:
