@@ -6,7 +6,7 @@ from typing import Optional
 import cog
 from cog import BaseRunner, ConcatenateIterator, Input, Path
 
-from gemma_opt.config import PRUNE_METHODS, QUANT_MODES, PipelineConfig
+from gemma_opt.config import QUANT_MODES, SPARSITY_CHOICES, PipelineConfig
 from gemma_opt.generation import GenerationStats, SamplingParams, build_inputs, stream
 from gemma_opt.models import GENERATION_DEFAULTS
 from gemma_opt.service import Service, open_image
@@ -37,9 +37,10 @@ class Predictor(BaseRunner):
                            description="Sample from the k most likely tokens; 0 disables the limit."),
         seed: Optional[int] = Input(default=None, ge=0, le=2**31 - 1,
                                     description="Random seed; leave empty for a random one (it is logged)."),
-        sparsity_method: str = Input(default=DEPLOYED.prune.method, choices=list(PRUNE_METHODS),
-                                     description="Pruning method. Anything but the default builds (once) "
-                                     "a variant from the pristine weights, which takes a while."),
+        sparsity_method: str = Input(default=DEPLOYED.prune.choice, choices=list(SPARSITY_CHOICES),
+                                     description="Pruning method ('owl-' = outlier-aware layer ratios; wanda "
+                                     "keeps quality best). Anything but the default builds (once) a variant "
+                                     "from the pristine weights, which takes a while."),
         sparsity_ratio: float = Input(default=DEPLOYED.prune.ratio or 0.0, ge=0.0, le=0.8,
                                       description="Fraction of weights zeroed (0.01-0.8; ignored for 'none')."),
         quantization: str = Input(default=DEPLOYED.quant.mode, choices=list(QUANT_MODES),

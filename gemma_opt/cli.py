@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import SPARSITY_CHOICES
+
 GEMMA_REPO = "google/gemma-3-4b-it"
 GEMMA_REVISION = "093f9f388b31de276ce2de164bdc2081324b9767"
 
@@ -76,12 +78,12 @@ def evaluate(args) -> None:
     from .evaluation import plot
 
     text = Path(args.text).read_text() if args.text else None
-    records = run_eval(args.model, args.methods.split(","), [float(r) for r in args.ratios.split(",")],
-                       args.quantization, text, args.window)
+    records = run_eval(args.model, args.methods.split(","), args.ratios.split(","), args.quantization, text, args.window)
     print("| method | ratio | quantization | sparsity | perplexity | KL mean | top-1 agreement | pipeline s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['method']} | {r['ratio']:g} | {r['quantization']} | {r['sparsity']:.1%} | {r['perplexity']:.2f} "
+        ratio = f"{r['ratio']:g}" if r["pattern"] == "unstructured" else r["pattern"]
+        print(f"| {r['method']} | {ratio} | {r['quantization']} | {r['sparsity']:.1%} | {r['perplexity']:.2f} "
               f"| {r['kl_mean']:.4f} | {r['top1_agreement']:.1%} | {r['pipeline_s']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
@@ -138,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = commands.add_parser("eval", help="quality of pipeline variants against the dense model")
     p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--methods", default="magnitude,gradual,layer_norm", help="comma list; 'none' = quantization only")
-    p.add_argument("--ratios", default="0.01,0.02,0.1,0.3,0.5,0.8")
+    p.add_argument("--methods", default="magnitude,wanda,owl-wanda,gradual",
+                   help=f"comma list of {', '.join(SPARSITY_CHOICES)}; 'none' = quantization only")
+    p.add_argument("--ratios", default="0.1,0.3,0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
     p.add_argument("--quantization", default="int8_weight_only")
     p.add_argument("--text", help="evaluation text file (default: the one shipped, never used for calibration)")
     p.add_argument("--window", type=int, default=256, help="tokens per window, BOS first")

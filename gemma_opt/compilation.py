@@ -16,19 +16,11 @@ from PIL import Image
 from torch import nn
 
 from .config import CompileConfig
+from .filtering import repeated_blocks
 from .generation import SamplingParams, generate_text
 from .models import LoadedModel
 
 WARMUP_PROMPTS = ("Hi", "Describe the weather on a quiet autumn morning, in a few words.")
-
-
-def repeated_blocks(model: nn.Module, vision: bool = False) -> dict[str, nn.Module]:
-    """The decoder layers of the language model (and the vision encoder's, if asked)."""
-    blocks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layers") and (vision or "vision_tower" not in name):
-            blocks.update({f"{name}.{i}": layer for i, layer in enumerate(module)})
-    return blocks
 
 
 def compile_blocks(model: nn.Module, config: CompileConfig) -> list[str]:

@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MIN_RATIO, MAX_RATIO = 0.01, 0.80
-PRUNE_METHODS = ("none", "magnitude", "gradual", "layer_norm")
+PRUNE_METHODS = ("none", "magnitude", "wanda", "gradual", "layer_norm")
+LAYER_RATIOS = ("uniform", "owl")
+N_M_METHODS = ("magnitude", "wanda")  # scores compared within groups of M inputs of a row
 QUANT_MODES = ("none", "int8_weight_only", "int4_weight_only", "float8_weight_only")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -42,9 +44,13 @@ class PruneConfig(_Section):
     ratio: float | None = Field(None, description="fraction of weights zeroed; N:M patterns imply 1 - N/M")
     scope: Literal["per_layer", "global"] = "per_layer"
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N kept of every M inputs)")
+    layer_ratios: Literal[LAYER_RATIOS] = Field(
+        "uniform", description="'owl': layers with more activation outliers keep more weights (same mean)")
+    owl_lambda: float = Field(0.04, ge=0.0, le=0.4, description="owl: layer ratios span target +- this")
+    owl_threshold: float = Field(5.0, gt=1.0, description="owl: an outlier scores above this many times the layer mean")
     steps: int = Field(4, ge=1, le=64, description="gradual: number of pruning steps")
     calibration_file: Path | None = Field(None, description="calibration text; default ships with the package")
-    calibration_tokens: int = Field(2048, ge=64, le=1 << 20)
+    calibration_tokens: int = Field(4096, ge=64, le=1 << 20)
 
     @field_validator("pattern")
     @classmethod
@@ -68,23 +74,38 @@ class PruneConfig(_Section):
         if self.method == "none":
             return self
         if self.n_m is not None:
-            if self.method != "magnitude":
-                raise ValueError(f"pattern {self.pattern} works with magnitude, not {self.method}")
+            if self.method not in N_M_METHODS:
+                raise ValueError(f"pattern {self.pattern} works with {' or '.join(N_M_METHODS)}, not {self.method}")
+            if self.layer_ratios != "uniform":
+                raise ValueError(f"pattern {self.pattern} fixes every layer's ratio; layer_ratios must be uniform")
             implied = 1 - self.n_m[0] / self.n_m[1]
             if self.ratio is not None and abs(self.ratio - implied) > 1e-6:
                 raise ValueError(f"pattern {self.pattern} fixes the ratio at {implied:g}, got ratio={self.ratio}")
             return self
         if self.ratio is None or not MIN_RATIO <= self.ratio <= MAX_RATIO:
             raise ValueError(f"ratio must be within [{MIN_RATIO}, {MAX_RATIO}] for method {self.method}, got {self.ratio}")
-        if self.method in ("layer_norm", "gradual") and self.scope != "per_layer":
+        if self.method in ("wanda", "layer_norm", "gradual") and self.scope != "per_layer":
             raise ValueError(f"{self.method} prunes each layer on its own; scope must be per_layer")
+        if self.layer_ratios == "owl" and (self.method not in N_M_METHODS or self.scope != "per_layer"):
+            raise ValueError(f"layer_ratios 'owl' works with per_layer {' or '.join(N_M_METHODS)}, "
+                             f"not {self.scope} {self.method}")
         return self
+
+    @property
+    def choice(self) -> str:
+        """This method as one of SPARSITY_CHOICES (the Cog input and the eval label)."""
+        return f"owl-{self.method}" if self.layer_ratios == "owl" else self.method
 
     @property
     def target_ratio(self) -> float:
         if self.method == "none":
             return 0.0
         return 1 - self.n_m[0] / self.n_m[1] if self.n_m else self.ratio
+
+
+# The Cog input `sparsity_method` and `eval --methods`: a method with its layer ratios.
+SPARSITY_CHOICES = {**{m: {"method": m, "layer_ratios": "uniform"} for m in PRUNE_METHODS},
+                    **{f"owl-{m}": {"method": m, "layer_ratios": "owl"} for m in N_M_METHODS}}
 
 
 class QuantConfig(_Section):

@@ -53,31 +53,43 @@ def perplexity(model: nn.Module, tokenizer, text: str | None = None, window: int
     return Quality.measure(log_probs(model, windows), windows).perplexity
 
 
-def evaluate(model: str, methods: list[str], ratios: list[float], quantization: str = "int8_weight_only",
+def evaluate(model: str, methods: list[str], ratios: list[str], quantization: str = "int8_weight_only",
              text: str | None = None, window: int = 256) -> list[dict]:
-    """One record per pipeline variant, against the dense bf16 model on the same windows."""
+    """One record per pipeline variant, against the dense bf16 model on the same windows.
+
+    ``methods`` are SPARSITY_CHOICES (``wanda``, ``owl-wanda``...); ``ratios`` are fractions
+    or N:M patterns (``"0.5"``, ``"2:4"``). Combinations the config refuses are skipped,
+    with the reason printed.
+    """
     from tqdm import tqdm
 
-    from .config import PipelineConfig
+    from .config import SPARSITY_CHOICES, ConfigError, PipelineConfig
     from .models import load_model
     from .pipeline import optimize
 
+    variants = []
+    for method in methods:
+        for ratio in ["unstructured"] if method == "none" else ratios:
+            prune = {**SPARSITY_CHOICES[method], **({"pattern": ratio} if ":" in ratio else
+                                                    {"ratio": None if method == "none" else float(ratio)})}
+            try:
+                variants.append((method, PipelineConfig.validated({
+                    "model": model, "prune": prune, "quant": {"mode": quantization}, "compile": {"mode": "none"}})))
+            except ConfigError as e:
+                print(f"skipped {method} {ratio}: {e}")
     dense = load_model(model)
     windows = eval_windows(dense.tokenizer, text or DEFAULT_EVAL_TEXT.read_text(), window)
     reference = log_probs(dense.model, windows)
-    records = [{"method": "dense", "ratio": 0.0, "quantization": "none", "sparsity": 0.0, "pipeline_s": 0.0,
-                **vars(Quality.measure(reference, windows, reference))}]
+    records = [{"method": "dense", "ratio": 0.0, "pattern": "unstructured", "quantization": "none", "sparsity": 0.0,
+                "pipeline_s": 0.0, **vars(Quality.measure(reference, windows, reference))}]
     del dense
-    variants = [(m, r) for m in methods for r in ([None] if m == "none" else ratios)]
-    for method, ratio in tqdm(variants, desc="eval", unit="variant"):
+    for method, config in tqdm(variants, desc="eval", unit="variant"):
         loaded = load_model(model)
-        config = PipelineConfig.validated({"model": model, "prune": {"method": method, "ratio": ratio},
-                                           "quant": {"mode": quantization}, "compile": {"mode": "none"}})
         report = optimize(loaded, config)
         quality = Quality.measure(log_probs(loaded.model, windows), windows, reference)
-        records.append({"method": method, "ratio": ratio or 0.0, "quantization": quantization,
-                        "sparsity": report.prune.overall, "pipeline_s": sum(report.stage_seconds.values()),
-                        **vars(quality)})
+        records.append({"method": method, "ratio": config.prune.target_ratio, "pattern": config.prune.pattern,
+                        "quantization": quantization, "sparsity": report.prune.overall,
+                        "pipeline_s": sum(report.stage_seconds.values()), **vars(quality)})
     for record in records:
         record.update(window=window, tokens=sum(w.shape[1] - 1 for w in windows))
     return records
@@ -92,11 +104,15 @@ def plot(records: list[dict], path: str) -> None:
 
     dense = next(r for r in records if r["method"] == "dense")
     fig, (ax_ppl, ax_agree) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in records if r["method"] not in ("dense", "none")):
-        rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["sparsity"])
+    lines = dict.fromkeys((r["method"], r["pattern"]) for r in records if r["method"] not in ("dense", "none"))
+    for method, pattern in lines:
+        rows = sorted((r for r in records if (r["method"], r["pattern"]) == (method, pattern)),
+                      key=lambda r: r["sparsity"])
+        label = method if pattern == "unstructured" else f"{method} {pattern}"
         x = [100 * r["sparsity"] for r in rows]
-        ax_ppl.plot(x, [r["perplexity"] for r in rows], marker="o", label=method)
-        ax_agree.plot(x, [100 * r["top1_agreement"] for r in rows], marker="o", label=method)
+        ax_ppl.plot(x, [r["perplexity"] for r in rows], marker="o" if pattern == "unstructured" else "s", label=label)
+        ax_agree.plot(x, [100 * r["top1_agreement"] for r in rows], marker="o" if pattern == "unstructured" else "s",
+                      label=label)
     for ax, value in ((ax_ppl, dense["perplexity"]), (ax_agree, 100.0)):
         ax.axhline(value, color="black", linestyle="--", linewidth=1, label="dense bf16")
         ax.set_xlabel("achieved sparsity of the decoder linears (%)")

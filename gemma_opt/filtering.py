@@ -52,3 +52,12 @@ def build_filter_map(model: nn.Module, config: FilterConfig | None = None) -> Fi
     if not chosen:
         raise ConfigError("the filter map selects no module")
     return FilterMap({n: m for n, m in linears.items() if n in chosen})
+
+
+def repeated_blocks(model: nn.Module, vision: bool = False) -> dict[str, nn.Module]:
+    """The decoder layers of the language model (and the vision encoder's, if asked)."""
+    blocks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and (vision or VISION_TOWER not in name):
+            blocks.update({f"{name}.{i}": layer for i, layer in enumerate(module)})
+    return blocks

@@ -9,6 +9,16 @@
   layer's outputs on calibration text (the OBS update used by SparseGPT, with the
   mask fixed). Without that recovery, gradual magnitude pruning would give exactly
   the one-shot masks.
+- ``wanda`` (Sun et al. 2023): score |W_ij| * ||X_j||_2, the weight times the L2 norm of
+  its input channel over calibration text, compared within each output row (or each
+  group of M inputs for N:M). Blocks are pruned in order, and each block's inputs are
+  the outputs of the blocks before it *as pruned*, so later blocks adapt to the errors of
+  earlier ones. Hooks sum the squared norms; no activation is stored beyond one block's
+  input hidden states.
+- ``layer_ratios="owl"`` (Yin et al. 2023, OWL): per-block ratios instead of one ratio.
+  Blocks with a larger share of outlier scores (Wanda score > threshold x the block
+  mean, on the dense model) keep more weights; ratios span target +- lambda linearly in
+  that share and their mean is the target. Works with magnitude and wanda.
 - ``layer_norm``: structured, no forward pass. MLP neurons are pruned as a unit (gate
   row i, up row i, down column i, scored by the L2 norm of all three), so a pruned
   neuron is removed exactly; q/k/v lose their lowest-norm output rows; o_proj loses
@@ -21,13 +31,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, PruneConfig
-from .filtering import FilterMap
+from .filtering import FilterMap, repeated_blocks
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 _CHUNK = 1 << 24  # elements per chunk in the radix select
@@ -42,6 +53,7 @@ class PruneReport:
     overall: float = 0.0
     seconds: float = 0.0
     unrecovered: list[str] = field(default_factory=list)  # gradual: modules calibration never reached
+    layer_ratios: dict[str, float] = field(default_factory=dict)  # owl: target ratio of each block
 
 
 # ---------------------------------------------------------------------------- selection
@@ -123,6 +135,123 @@ def magnitude_masks(modules: dict[str, nn.Linear], ratio: float, scope: str = "p
         k = round(ratio * sum(s.numel() for s in scores.values()))
         return dict(zip(names, smallest_masks([scores[n] for n in names], k)))
     return {name: smallest_masks([s], round(ratio * s.numel()))[0] for name, s in scores.items()}
+
+
+# ---------------------------------------------------------------------------- wanda / owl
+def wanda_scores(weight: Tensor, squared_norms: Tensor) -> Tensor:
+    """|W_ij| * ||X_j||_2 (float32)."""
+    return weight.detach().float().abs() * squared_norms.float().sqrt()[None, :]
+
+
+def row_masks(scores: Tensor, ratio: float) -> Tensor:
+    """Prune the round(ratio * in_features) lowest scores of every output row."""
+    rows, cols = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    k = round(ratio * cols)
+    for start in range(0, rows, 4096):
+        mask[start:start + 4096].scatter_(1, scores[start:start + 4096].topk(k, dim=1, largest=False).indices, True)
+    return mask
+
+
+def wanda_masks(modules: dict[str, nn.Linear], squared_norms: dict[str, Tensor], ratio: float,
+                n_m: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    scores = {n: wanda_scores(m.weight, squared_norms[n]) for n, m in modules.items()}
+    return {n: n_m_mask(s, *n_m) if n_m else row_masks(s, ratio) for n, s in scores.items()}
+
+
+def modules_by_block(model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, dict[str, nn.Linear]]:
+    """The modules grouped by the language model's decoder block that holds them."""
+    blocks = {name: {} for name in repeated_blocks(model)}
+    outside = []
+    for name, mod in modules.items():
+        block = name.rsplit(".", 2)[0]  # "...layers.3.mlp.up_proj" -> "...layers.3"
+        if block in blocks:
+            blocks[block][name] = mod
+        else:
+            outside.append(name)
+    if outside:
+        raise ConfigError(f"calibrated pruning runs text through the decoder blocks; {len(outside)} filtered modules "
+                          f"are outside them (e.g. {outside[0]}): exclude them or use magnitude")
+    return {b: mods for b, mods in blocks.items() if mods}
+
+
+@torch.no_grad()
+def calibrated_blocks(model: nn.Module, modules: dict[str, nn.Linear], batches: list[Tensor]):
+    """Yield (block name, its modules, squared L2 norm of each of their input channels), block
+    by block. Between two yields the caller may prune the block: the next block's inputs are
+    computed after that, through the block as pruned."""
+    grouped = modules_by_block(model, modules)
+    blocks = {n: b for n, b in repeated_blocks(model).items() if n in grouped}
+    hidden, kwargs = _block_inputs(model, blocks, batches)
+    for name, block in blocks.items():
+        mods = grouped[name]
+        norms = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in mods.items()}
+        hooks = [m.register_forward_pre_hook(partial(_add_squared_norms, norms[n])) for n, m in mods.items()]
+        try:
+            for h, kw in zip(hidden, kwargs[name]):
+                block(h, **kw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        yield name, mods, norms
+        hidden = [block(h, **kw) for h, kw in zip(hidden, kwargs[name])]
+
+
+def _add_squared_norms(acc: Tensor, module: nn.Module, args: tuple) -> None:
+    acc.add_(args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0))
+
+
+def _block_inputs(model: nn.Module, blocks: dict[str, nn.Module], batches: list[Tensor]):
+    """The first block's input hidden states and every block's keyword arguments (masks,
+    rotary embeddings: they differ between sliding and global layers), one per batch, from
+    one forward pass in which every block is replaced by the identity."""
+    first = next(iter(blocks))
+    hidden: list[Tensor] = []
+    kwargs: dict[str, list[dict]] = {n: [] for n in blocks}
+
+    def recorder(name):
+        def forward(hidden_states, **kw):
+            if name == first:
+                hidden.append(hidden_states)
+            kwargs[name].append(kw)
+            return hidden_states
+        return forward
+
+    for name, block in blocks.items():
+        block.forward = recorder(name)
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for block in blocks.values():
+            del block.forward
+    return hidden, kwargs
+
+
+def owl_ratios(model: nn.Module, modules: dict[str, nn.Linear], batches: list[Tensor], config: PruneConfig
+               ) -> dict[str, float]:
+    """Per-block ratios from each block's share of outlier Wanda scores on the dense model."""
+    shares = {}
+    for name, mods, norms in calibrated_blocks(model, modules, batches):
+        scores = [wanda_scores(m.weight, norms[n]) for n, m in mods.items()]
+        count = sum(s.numel() for s in scores)
+        mean = sum(float(s.sum()) for s in scores) / count
+        shares[name] = sum(int((s > config.owl_threshold * mean).sum()) for s in scores) / count
+    return owl_allocation(shares, config.target_ratio, config.owl_lambda)
+
+
+def owl_allocation(outlier_shares: dict[str, float], target: float, lam: float) -> dict[str, float]:
+    """Ratios linear in the outlier share, spanning 2 * lam, with mean ``target`` (blocks are
+    the same size, so that is also the overall sparsity). The span shrinks when needed so no
+    ratio leaves [0, 1)."""
+    shares = torch.tensor(list(outlier_shares.values()), dtype=torch.float64)
+    spread = float(shares.max() - shares.min())
+    keep = (shares - shares.min()) / spread if spread > 0 else torch.zeros_like(shares)
+    keep -= keep.mean()  # in [-1, 1], mean 0: how much more than average each block keeps
+    room = min(target / max(float(keep.max()), 1e-12), (0.99 - target) / max(-float(keep.min()), 1e-12))
+    ratios = target - min(2 * lam, room) * keep
+    return dict(zip(outlier_shares, ratios.tolist()))
 
 
 # ---------------------------------------------------------------------------- layer_norm
@@ -317,15 +446,25 @@ def prune(model: nn.Module, fmap: FilterMap, config: PruneConfig, tokenizer=None
     report = PruneReport(config.method, config.target_ratio)
     if config.method == "none":
         return report
-    if config.method == "magnitude":
+    needs_text = config.method in ("wanda", "gradual") or config.layer_ratios == "owl"
+    if needs_text and tokenizer is None:
+        raise ConfigError(f"{config.choice} pruning needs a tokenizer for its calibration text")
+    batches = calibration_batches(tokenizer, config) if needs_text else []
+    if config.layer_ratios == "owl":
+        report.layer_ratios = owl_ratios(model, modules, batches, config)
+    if config.method == "magnitude" and config.layer_ratios == "owl":
+        for block, mods in modules_by_block(model, modules).items():
+            apply_masks_(mods, magnitude_masks(mods, report.layer_ratios[block]))
+    elif config.method == "magnitude":
         apply_masks_(modules, magnitude_masks(modules, config.ratio or 0.0, config.scope, config.n_m))
+    elif config.method == "wanda":
+        for block, mods, norms in calibrated_blocks(model, modules, batches):
+            ratio = report.layer_ratios.get(block, config.target_ratio)
+            apply_masks_(mods, wanda_masks(mods, norms, ratio, config.n_m))
     elif config.method == "layer_norm":
         apply_masks_(modules, layer_norm_masks(modules, config.ratio))
     elif config.method == "gradual":
-        if tokenizer is None:
-            raise ConfigError("gradual pruning needs a tokenizer for its calibration text")
-        report.unrecovered = _gradual(model, modules, config, calibration_batches(tokenizer, config),
-                                      hessian_budget_bytes)
+        report.unrecovered = _gradual(model, modules, config, batches, hessian_budget_bytes)
     zeros = total = 0
     for name, mod in modules.items():
         z = int((mod.weight == 0).sum())

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import PipelineConfig
+from .config import N_M_METHODS, SPARSITY_CHOICES, PipelineConfig
 from .generation import InputError
 from .models import LoadedModel
 from .pipeline import Report, load, optimize, resolve_device
@@ -40,15 +40,16 @@ class Service:
     def default(self) -> tuple[LoadedModel, Report]:
         return self.variants[self.default_key]
 
-    def variant_config(self, method: str, ratio: float | None, quantization: str) -> PipelineConfig:
-        prune = {"method": method, "ratio": ratio if method != "none" else None}
-        if method != "magnitude":
+    def variant_config(self, sparsity: str, ratio: float | None, quantization: str) -> PipelineConfig:
+        """``sparsity`` is one of SPARSITY_CHOICES; the deployment's N:M pattern is kept where it applies."""
+        prune = {**SPARSITY_CHOICES[sparsity], "ratio": ratio if sparsity != "none" else None}
+        if prune["method"] not in N_M_METHODS or prune["layer_ratios"] != "uniform":
             prune["pattern"] = "unstructured"
         return self.config.replace(prune=prune, quant={"mode": quantization})
 
-    def get(self, method: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
+    def get(self, sparsity: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
         """The variant for these choices: cached, or built from the pristine weights."""
-        config = self.variant_config(method, ratio, quantization)
+        config = self.variant_config(sparsity, ratio, quantization)
         key = self._key(config)
         if key in self.variants:
             if key != self.default_key:
@@ -67,7 +68,7 @@ class Service:
 
     @staticmethod
     def _key(config: PipelineConfig) -> tuple:
-        return config.prune.method, config.prune.ratio, config.prune.pattern, config.quant.mode
+        return config.prune.choice, config.prune.ratio, config.prune.pattern, config.quant.mode
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gemma_opt.config import ConfigError, PipelineConfig, env_names
+from gemma_opt.config import SPARSITY_CHOICES, ConfigError, PipelineConfig, env_names
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.quantization import check_supported
 
@@ -21,6 +21,11 @@ def test_defaults_are_the_product_pipeline():
     ({"method": "magnitude", "pattern": "2:4", "ratio": 0.3}, "fixes the ratio at 0.5"),
     ({"method": "magnitude", "pattern": "4:2"}, "pattern must be"),
     ({"method": "layer_norm", "ratio": 0.3, "scope": "global"}, "scope must be per_layer"),
+    ({"method": "wanda", "ratio": 0.3, "scope": "global"}, "scope must be per_layer"),
+    ({"method": "gradual", "pattern": "2:4"}, "pattern 2:4 works with magnitude or wanda, not gradual"),
+    ({"method": "wanda", "pattern": "2:4", "layer_ratios": "owl"}, "layer_ratios must be uniform"),
+    ({"method": "gradual", "ratio": 0.3, "layer_ratios": "owl"}, "'owl' works with per_layer magnitude or wanda"),
+    ({"method": "magnitude", "ratio": 0.3, "scope": "global", "layer_ratios": "owl"}, "not global magnitude"),
 ])
 def test_bad_prune_config_raises_one_clear_error(prune, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -28,8 +33,17 @@ def test_bad_prune_config_raises_one_clear_error(prune, message):
 
 
 def test_n_m_pattern_implies_its_ratio():
-    cfg = PipelineConfig.validated({"prune": {"method": "magnitude", "pattern": "2:4"}})
-    assert cfg.prune.target_ratio == 0.5 and cfg.prune.n_m == (2, 4)
+    for method in ("magnitude", "wanda"):
+        cfg = PipelineConfig.validated({"prune": {"method": method, "pattern": "2:4"}})
+        assert cfg.prune.target_ratio == 0.5 and cfg.prune.n_m == (2, 4)
+
+
+def test_sparsity_choices_name_a_method_and_its_layer_ratios():
+    assert list(SPARSITY_CHOICES) == ["none", "magnitude", "wanda", "gradual", "layer_norm", "owl-magnitude",
+                                      "owl-wanda"]
+    for choice, prune in SPARSITY_CHOICES.items():
+        cfg = PipelineConfig.validated({"prune": {**prune, "ratio": None if choice == "none" else 0.3}})
+        assert cfg.prune.choice == choice
 
 
 def test_unknown_quantization_and_compile_modes_are_rejected():

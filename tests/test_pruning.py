@@ -2,9 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from gemma_opt.config import PruneConfig
-from gemma_opt.filtering import FilterMap
-from gemma_opt.pruning import GradualPruner, layer_norm_masks, magnitude_masks, n_m_mask, prune, smallest_masks
+from gemma_opt.config import ConfigError, FilterConfig, PruneConfig
+from gemma_opt.filtering import FilterMap, build_filter_map
+from gemma_opt.pruning import (GradualPruner, apply_masks_, calibrated_blocks, calibration_batches, input_hessians,
+                               layer_norm_masks, magnitude_masks, n_m_mask, owl_allocation, prune, smallest_masks,
+                               wanda_masks)
 
 
 def test_smallest_masks_is_exact_with_ties_and_across_tensors():
@@ -103,3 +105,64 @@ def test_gradual_without_recovery_is_one_shot_magnitude():
         pruner.step()
     pruner.remove()
     assert torch.equal(pruner.masks["w"], magnitude_masks({"w": b}, 0.5)["w"])
+
+
+def test_wanda_prunes_the_lowest_weight_times_input_norm_of_each_row():
+    mod = linear(8, 64)
+    norms = torch.linspace(0.1, 10, 64) ** 2  # squared input-channel norms
+    masks = wanda_masks({"w": mod}, {"w": norms}, 0.25)["w"]
+    assert (masks.sum(1) == 16).all()  # per output row, exactly
+    scores = mod.weight.detach().float().abs() * norms.sqrt()
+    assert (scores.masked_fill(~masks, -1).max(1).values <= scores.masked_fill(masks, 1e9).min(1).values).all()
+    assert not torch.equal(masks, magnitude_masks({"w": mod}, 0.25)["w"])  # the activations matter
+    two_four = wanda_masks({"w": mod}, {"w": norms}, 0.5, (2, 4))["w"]
+    assert torch.equal(two_four, n_m_mask(scores, 2, 4))
+
+
+def test_each_block_calibrates_on_the_outputs_of_the_pruned_blocks_before_it(tiny):
+    """The norms wanda sees for a block's first projection equal what the finished, pruned
+    model feeds it; on the dense model they differ after the first block."""
+    model = tiny.model
+    fmap = build_filter_map(model)
+    batches = calibration_batches(tiny.tokenizer, PruneConfig(calibration_tokens=1024))
+    q_projs = {n: m for n, m in fmap.modules.items() if n.endswith("q_proj")}
+    dense = input_hessians(model, q_projs, batches)
+    seen = {}
+    for block, mods, norms in calibrated_blocks(model, fmap.modules, batches):
+        apply_masks_(mods, wanda_masks(mods, norms, 0.5))
+        seen.update({n: v for n, v in norms.items() if n in q_projs})
+    pruned = input_hessians(model, q_projs, batches)
+    tokens = sum(b.numel() for b in batches)
+    names = list(q_projs)
+    for name in names:
+        torch.testing.assert_close(seen[name], pruned[name].diagonal() * tokens, rtol=1e-3, atol=1e-3)
+    assert torch.equal(pruned[names[0]], dense[names[0]])  # nothing before the first block changed
+    assert not torch.allclose(pruned[names[-1]], dense[names[-1]], rtol=1e-2)
+
+
+def test_owl_ratios_follow_outliers_and_average_to_the_target():
+    shares = {"b0": 0.02, "b1": 0.01, "b2": 0.0, "b3": 0.05}
+    ratios = owl_allocation(shares, 0.7, 0.04)
+    assert sum(ratios.values()) / 4 == pytest.approx(0.7, abs=1e-12)
+    assert sorted(ratios, key=ratios.get) == ["b3", "b0", "b1", "b2"]  # more outliers, fewer pruned
+    assert max(ratios.values()) - min(ratios.values()) == pytest.approx(0.08)
+    low = owl_allocation(shares, 0.02, 0.04)  # the span shrinks instead of going below 0
+    assert min(low.values()) >= 0 and sum(low.values()) / 4 == pytest.approx(0.02)
+    assert owl_allocation({"a": 0.1, "b": 0.1}, 0.5, 0.04) == {"a": 0.5, "b": 0.5}
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_owl_pruning_hits_each_block_ratio(tiny, method):
+    fmap = build_filter_map(tiny.model)
+    config = PruneConfig(method=method, ratio=0.6, layer_ratios="owl", owl_lambda=0.1, calibration_tokens=1024)
+    report = prune(tiny.model, fmap, config, tiny.tokenizer)
+    assert len(set(report.layer_ratios.values())) == len(report.layer_ratios) > 1
+    for name, sparsity in report.per_layer.items():
+        assert sparsity == pytest.approx(report.layer_ratios[name.rsplit(".", 2)[0]], abs=0.01)
+    assert report.overall == pytest.approx(0.6, abs=0.005)
+
+
+def test_calibrated_pruning_refuses_modules_outside_the_decoder_blocks(tiny):
+    fmap = build_filter_map(tiny.model, FilterConfig(include_vision=True))
+    with pytest.raises(ConfigError, match="outside them .*vision_tower"):
+        prune(tiny.model, fmap, PruneConfig(method="wanda", ratio=0.5), tiny.tokenizer)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from gemma_opt.config import PipelineConfig
+from gemma_opt.config import SPARSITY_CHOICES, PipelineConfig
 from gemma_opt.evaluation import perplexity
 from gemma_opt.generation import SamplingParams, generate_text
 from gemma_opt.models import load_model
@@ -14,9 +14,11 @@ from gemma_opt.pipeline import optimize
 
 pytestmark = pytest.mark.slow
 UNTOUCHED = ("embed", "norm", "lm_head", "multi_modal_projector")
-VARIANTS = [("none", None, "none"), ("none", None, "int8_weight_only")] + [
-    (method, ratio, "int8_weight_only") for method in ("magnitude", "gradual", "layer_norm") for ratio in (0.02, 0.3, 0.5)
-] + [("magnitude", 0.7, "int8_weight_only"), ("gradual", 0.7, "int8_weight_only")]
+INT8 = "int8_weight_only"
+VARIANTS = [("none", None, "none"), ("none", None, INT8)] + [
+    (method, ratio, INT8) for method in ("magnitude", "gradual", "layer_norm") for ratio in (0.02, 0.3, 0.5)
+] + [(method, ratio, INT8) for method, ratio in [("magnitude", 0.7), ("gradual", 0.7), ("wanda", 0.5), ("wanda", 0.7),
+                                                 ("owl-wanda", 0.7), ("magnitude", "2:4"), ("wanda", "2:4")]]
 
 
 def untouched(model):
@@ -29,7 +31,8 @@ def table(tmp_path_factory):
     for method, ratio, quant in VARIANTS:
         loaded = load_model("gemma-3-270m")
         before = untouched(loaded.model)
-        config = PipelineConfig.validated({"prune": {"method": method, "ratio": ratio}, "quant": {"mode": quant},
+        sparsity = {"pattern": ratio} if isinstance(ratio, str) else {"ratio": ratio}
+        config = PipelineConfig.validated({"prune": {**SPARSITY_CHOICES[method], **sparsity}, "quant": {"mode": quant},
                                            "compile": {"mode": "none"}})
         report = optimize(loaded, config)
         after = untouched(loaded.model)
@@ -46,24 +49,40 @@ def test_int8_alone_stays_within_2_percent_of_dense(table):
     rows, _ = table
     dense = rows[("none", None, "none")]
     assert 15 < dense < 40  # the real model on real text (measured: 23.08)
-    assert abs(rows[("none", None, "int8_weight_only")] / dense - 1) < 0.02
+    assert abs(rows[("none", None, INT8)] / dense - 1) < 0.02
 
 
 def test_2_percent_magnitude_stays_within_1_percent(table):
     rows, _ = table
-    assert abs(rows[("magnitude", 0.02, "int8_weight_only")] / rows[("none", None, "int8_weight_only")] - 1) < 0.01
+    assert abs(rows[("magnitude", 0.02, INT8)] / rows[("none", None, INT8)] - 1) < 0.01
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.7])
 def test_gradual_with_reconstruction_beats_one_shot_magnitude(table, ratio):
     rows, _ = table
-    assert rows[("gradual", ratio, "int8_weight_only")] < 0.5 * rows[("magnitude", ratio, "int8_weight_only")]
+    assert rows[("gradual", ratio, INT8)] < 0.5 * rows[("magnitude", ratio, INT8)]
+
+
+def test_wanda_at_half_sparsity_costs_at_most_half_of_magnitude(table):
+    rows, _ = table
+    dense = rows[("none", None, "none")]
+    assert rows[("wanda", 0.5, INT8)] - dense <= 0.5 * (rows[("magnitude", 0.5, INT8)] - dense)
+
+
+def test_wanda_beats_magnitude_at_2_4(table):
+    rows, _ = table
+    assert rows[("wanda", "2:4", INT8)] < rows[("magnitude", "2:4", INT8)]
+
+
+def test_owl_layer_ratios_beat_uniform_wanda_at_70_percent(table):
+    rows, _ = table
+    assert rows[("owl-wanda", 0.7, INT8)] < rows[("wanda", 0.7, INT8)]
 
 
 def test_quality_degrades_with_sparsity(table):
     rows, _ = table
     for method in ("magnitude", "gradual", "layer_norm"):
-        ppl = [rows[(method, r, "int8_weight_only")] for r in (0.02, 0.3, 0.5)]
+        ppl = [rows[(method, r, INT8)] for r in (0.02, 0.3, 0.5)]
         assert ppl == sorted(ppl), (method, ppl)
 
 

@@ -115,7 +115,8 @@ def test_openapi_lists_every_input_with_description_and_bounds(tiny_server):
     assert all(p.get("description") for p in props.values())
     assert (props["max_new_tokens"]["minimum"], props["max_new_tokens"]["maximum"]) == (1, 8192)
     assert (props["sparsity_ratio"]["minimum"], props["sparsity_ratio"]["maximum"]) == (0, 0.8)
-    assert schema["components"]["schemas"]["sparsity_method"]["enum"] == ["none", "magnitude", "gradual", "layer_norm"]
+    assert schema["components"]["schemas"]["sparsity_method"]["enum"] == [
+        "none", "magnitude", "wanda", "gradual", "layer_norm", "owl-magnitude", "owl-wanda"]
     output = schema["components"]["schemas"]["Output"]
     assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
 
@@ -171,13 +172,14 @@ def test_cancel_stops_generation_and_frees_the_server(tiny_server, http_files):
 
 
 def test_switching_sparsity_back_and_forth_is_reproducible(tiny_server):
-    def run(ratio):
+    def run(method, ratio):
         body = tiny_server.predict(prompt="Tell me a story", max_new_tokens=10, seed=1234, temperature=1.0,
-                                   sparsity_method="magnitude", sparsity_ratio=ratio).json()
+                                   sparsity_method=method, sparsity_ratio=ratio).json()
         assert body["status"] == "succeeded", body
         return "".join(body["output"]), body["metrics"]["sparsity"]
 
-    first = [run(0.3), run(0.6), run(0.3), run(0.6)]
+    variants = [("magnitude", 0.3), ("owl-wanda", 0.6)]
+    first = [run(*v) for v in variants + variants]
     assert first[0] == first[2] and first[1] == first[3]
     assert first[0][1] == pytest.approx(0.3, abs=0.01) and first[1][1] == pytest.approx(0.6, abs=0.01)
     assert first[0][0] != first[1][0]
