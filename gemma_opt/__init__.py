@@ -1,6 +1,6 @@
-"""Gemma 3 behind a compression pipeline: filter map -> pruning -> torchao INT8 -> regional compile."""
+"""Gemma 3 behind a compression pipeline: filter map -> pruning -> torchao INT8 -> compiled decode step."""
 
-from .compilation import compile_blocks
+from .compilation import compile_decode
 from .config import CompileConfig, ConfigError, FilterConfig, PipelineConfig, PruneConfig, QuantConfig
 from .filtering import build_filter_map
 from .models import LoadedModel, load_model
@@ -10,6 +10,6 @@ from .quantization import quantize, weight_bytes
 
 __all__ = [
     "CompileConfig", "ConfigError", "FilterConfig", "GradualPruner", "LoadedModel", "PipelineConfig",
-    "PruneConfig", "QuantConfig", "Report", "build_filter_map", "compile_blocks", "load_and_optimize",
+    "PruneConfig", "QuantConfig", "Report", "build_filter_map", "compile_decode", "load_and_optimize",
     "load_model", "optimize", "prune", "quantize", "weight_bytes",
 ]

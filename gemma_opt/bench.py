@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from .config import PipelineConfig
 from .evaluation import DEFAULT_EVAL_TEXT
@@ -26,8 +27,9 @@ BASELINE = "hf-eager-bf16"
 VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), no pipeline
     BASELINE: None,
     "bf16-compile": {"quant": {"mode": "none"}},
-    "int8-eager": {"compile": {"mode": "none"}},
-    "int8-compile": {},
+    "int8-eager": {"quant": {"head": False}, "compile": {"mode": "none"}},
+    "int8-compile": {"quant": {"head": False}},
+    "int8-head-compile": {"quant": {"head": True}},  # the default pipeline
 }
 
 
@@ -48,7 +50,9 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
     """Set up one variant and time greedy decoding; runs in its own process."""
     sections = VARIANTS[variant]
     plain = {"quant": {"mode": "none"}, "compile": {"mode": "none"}}
-    config = PipelineConfig.validated({"model": model, **(plain if sections is None else sections)})
+    # Pipeline variants start from the deployment's settings (GEMMA_OPT_* variables), e.g. the
+    # compile mode; the baseline never runs the pipeline.
+    config = PipelineConfig.load(model=model, **(plain if sections is None else sections))
     device = resolve_device(config.device)
     t = time.perf_counter()
     loaded = load(config)
@@ -63,8 +67,11 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
     runs = []
     for _ in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
         stats = GenerationStats()
-        for _ in stream(loaded, inputs, params, stats, cache=sections is not None):
-            pass
+        if sections is None:
+            hf_generate(loaded, inputs, params, stats)
+        else:
+            for _ in stream(loaded, inputs, params, stats):
+                pass
         runs.append(stats)
     runs = runs[1:]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -74,6 +81,33 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
             "weight_bytes": weight_bytes(loaded.model), "decode_bytes_per_token": decode_bytes(loaded.model),
             "peak_memory_bytes": peak, "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
             "threads": torch.get_num_threads()}
+
+
+class _TokenTimes(BaseStreamer):
+    """When each generated token arrives (the first ``put`` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.times.extend([time.perf_counter()] * value.numel())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationStats) -> None:
+    """The baseline: plain transformers ``generate()`` (its default dynamic cache), greedy."""
+    streamer, start = _TokenTimes(), time.perf_counter()
+    with torch.inference_mode():
+        loaded.model.generate(**inputs, max_new_tokens=params.max_new_tokens, min_new_tokens=params.max_new_tokens,
+                              do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer)
+    times = streamer.times
+    stats.input_tokens, stats.output_tokens, stats.ttft_s = inputs["input_ids"].shape[1], len(times), times[0] - start
+    stats.decode_tokens_per_s = (len(times) - 1) / (times[-1] - times[0])
 
 
 def decode_bytes(model: torch.nn.Module) -> int:

@@ -110,12 +110,16 @@ SPARSITY_CHOICES = {**{m: {"method": m, "layer_ratios": "uniform"} for m in PRUN
 
 class QuantConfig(_Section):
     mode: Literal[QUANT_MODES] = "int8_weight_only"
+    head: bool = Field(True, description="with int8_weight_only, also the tied LM head, the input embedding "
+                       "reading the same int8 table (one copy); other modes leave the head in bf16")
 
 
 class CompileConfig(_Section):
     mode: Literal[COMPILE_MODES] = "default"
     backend: str = "inductor"
     vision: bool = Field(False, description="also compile the vision tower's encoder layers")
+    cache_len: int = Field(2048, ge=64, le=1 << 17, description="static KV cache positions for the compiled decode "
+                           "step; a request needing more (prompt + max_new_tokens) decodes eagerly")
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
 
 

@@ -40,6 +40,7 @@ class LoadedModel:
     tokenizer: object
     processor: object | None  # a Gemma3Processor when the model has a vision tower
     name: str
+    decode_cache: object | None = None  # the StaticCache the compiled decode step runs on (compilation.py)
 
     @property
     def has_vision(self) -> bool:
@@ -174,10 +175,12 @@ def _random_multimodal(config, name: str, dtype: torch.dtype, image_size: int) -
 
 
 def gemma_processor(image_size: int, image_tokens: int):
-    """A Gemma3Processor built from the bundled 270M tokenizer (same vocabulary as gemma-3-4b-it)."""
+    """A Gemma3Processor built from the bundled 270M tokenizer (same vocabulary as gemma-3-4b-it),
+    or from the tokenizer folder in ``$GEMMA_OPT_TOKENIZER`` (machines without the bundle)."""
     from transformers import AddedToken, AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
 
-    tokenizer = AutoTokenizer.from_pretrained(_gemma_270m_folder(), extra_special_tokens={
+    folder = os.environ.get("GEMMA_OPT_TOKENIZER") or _gemma_270m_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens={
         "image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN})
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True)])  # id 262144, as in gemma-3-4b-it
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_ID:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .compilation import compile_blocks, warm_up
+from .compilation import compile_decode, warm_up
 from .config import PipelineConfig
 from .filtering import build_filter_map
 from .models import LoadedModel, ModelNotFoundError, load_model
@@ -56,7 +56,7 @@ def optimize(loaded: LoadedModel, config: PipelineConfig) -> Report:
     seconds["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    compiled = compile_blocks(model, config.compile)
+    compiled = compile_decode(loaded, config.compile)
     if compiled and config.compile.warmup:
         warm_up(loaded)
     seconds["compile"] = time.perf_counter() - t

@@ -23,6 +23,35 @@ def quantize(model: nn.Module, fmap: FilterMap, config: QuantConfig) -> None:
         return
     check_supported(config.mode, next(iter(fmap.modules.values())))
     quantize_(model, TORCHAO_CONFIGS[config.mode](), filter_fn=fmap.filter_fn)
+    if config.head and config.mode == "int8_weight_only":
+        quantize_head(model)
+
+
+def quantize_head(model: nn.Module) -> None:
+    """INT8 weight-only for the LM head, and the input embedding reads the same table.
+
+    Gemma ties the two; quantizing the head alone would keep a bf16 copy for the
+    embedding, and torchao's embedding on an Int8Tensor dequantizes the whole table on
+    every call. ``SharedInt8Embedding`` gathers the rows first and dequantizes only them.
+    """
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is not embed.weight:
+        raise ConfigError("quant.head expects the LM head tied to the input embedding (as in Gemma 3)")
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: module is head)
+    model.set_input_embeddings(SharedInt8Embedding(head.weight, getattr(embed, "embed_scale", None)))
+
+
+class SharedInt8Embedding(nn.Module):
+    """An input embedding over an INT8 table shared with the LM head, with Gemma's scale."""
+
+    def __init__(self, weight: nn.Parameter, embed_scale: Tensor | None):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("embed_scale", embed_scale, persistent=False)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        rows = self.weight[input_ids.reshape(-1)].dequantize().reshape(*input_ids.shape, -1)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
 
 
 def check_supported(mode: str, example: nn.Linear) -> None:
@@ -60,11 +89,12 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def expected_int8_bytes(model: nn.Module, fmap: FilterMap) -> int:
+def expected_int8_bytes(model: nn.Module, fmap: FilterMap, head: bool = True) -> int:
     """What INT8 weight-only should take, from shapes alone: 1 byte a weight plus a per-row
-    fp32 scale and int8 zero point for each quantized linear; everything else as it is."""
+    fp32 scale and int8 zero point for each quantized linear (and the tied head, once);
+    everything else as it is."""
     total = weight_bytes(model)
-    for m in fmap.modules.values():
+    for m in [*fmap.modules.values(), *([model.get_output_embeddings()] if head else [])]:
         rows, cols = m.weight.shape
         total += rows * cols + rows * (4 + 1) - m.weight.numel() * m.weight.element_size()
     return total

@@ -32,8 +32,8 @@ def table(tmp_path_factory):
         loaded = load_model("gemma-3-270m")
         before = untouched(loaded.model)
         sparsity = {"pattern": ratio} if isinstance(ratio, str) else {"ratio": ratio}
-        config = PipelineConfig.validated({"prune": {**SPARSITY_CHOICES[method], **sparsity}, "quant": {"mode": quant},
-                                           "compile": {"mode": "none"}})
+        config = PipelineConfig.validated({"prune": {**SPARSITY_CHOICES[method], **sparsity},
+                                           "quant": {"mode": quant, "head": False}, "compile": {"mode": "none"}})
         report = optimize(loaded, config)
         after = untouched(loaded.model)
         identical[(method, ratio, quant)] = before.keys() == after.keys() and all(
@@ -50,6 +50,15 @@ def test_int8_alone_stays_within_2_percent_of_dense(table):
     dense = rows[("none", None, "none")]
     assert 15 < dense < 40  # the real model on real text (measured: 23.08)
     assert abs(rows[("none", None, INT8)] / dense - 1) < 0.02
+
+
+def test_default_int8_with_the_head_stays_within_2_percent_of_dense(table):
+    rows, _ = table
+    loaded = load_model("gemma-3-270m")
+    optimize(loaded, PipelineConfig.validated({"compile": {"mode": "none"}}))  # default: the tied head is int8 too
+    ppl = perplexity(loaded.model, loaded.tokenizer)
+    print(f"int8 with head: ppl={ppl:.3f}")
+    assert abs(ppl / rows[("none", None, "none")] - 1) < 0.02
 
 
 def test_2_percent_magnitude_stays_within_1_percent(table):

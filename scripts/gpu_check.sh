@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU speed check of the gemma-3-4b-it architecture (random weights): plain transformers bf16
+# generate() against bf16 + compile, INT8 + compile and INT8 (head too) + compile, all in one
+# `bench` run, JSON written to $OUT (or ./out). Well under 8 minutes on an H100/H200/L40S.
+#
+#   bash scripts/gpu_check.sh prepare   # here, with pip access: wheels + tokenizer into .gpu/
+#   bash scripts/gpu_check.sh           # there, on a bare CUDA machine with torch installed
+#
+# With the `device` tool: run "bash scripts/gpu_check.sh" with carry [".gpu"].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "prepare" ]]; then
+    # Versions pinned in requirements.txt; the machine's own torch, tokenizers, accelerate,
+    # huggingface_hub, safetensors, numpy, Pillow, PyYAML and tqdm are used as they are.
+    rm -rf .gpu && mkdir -p .gpu/wheels
+    py=${PYTHON:-.venv/bin/python}
+    pins=$(grep -E '^(transformers|torchao|pydantic)==' requirements.txt)
+    for pkg in $pins pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions; do
+        "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d .gpu/wheels "$pkg"
+    done
+    # The Gemma 3 tokenizer (the bundled 270M's; same vocabulary as gemma-3-4b-it), without its weights.
+    folder=$("$py" -c "from gemma_opt.models import _gemma_270m_folder; print(_gemma_270m_folder())")
+    tar -czf .gpu/tokenizer.tar.gz -C "$folder" tokenizer.json tokenizer_config.json chat_template.jinja
+    du -sh .gpu
+    exit 0
+fi
+
+out=${OUT:-out}
+mkdir -p "$out" /tmp/gemma_tokenizer
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+tar -xzf .gpu/tokenizer.tar.gz -C /tmp/gemma_tokenizer
+export GEMMA_OPT_TOKENIZER=/tmp/gemma_tokenizer
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, torchao, transformers; print(torch.__version__, torchao.__version__, transformers.__version__)" \
+    | tee -a "$out/gpu.txt"
+
+# CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
+# less than Python's per-token overhead without them.
+export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
+timeout 420 python3 -m gemma_opt bench --model gemma-3-4b-arch --prompt-tokens 128 --new-tokens 128 --repeats 3 \
+    --variants bf16-compile,int8-compile,int8-head-compile --json "$out/bench_4b_gpu.json" 2>&1 | tee "$out/bench_4b_gpu.log"
