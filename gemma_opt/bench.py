@@ -105,9 +105,8 @@ def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationS
     with torch.inference_mode():
         loaded.model.generate(**inputs, max_new_tokens=params.max_new_tokens, min_new_tokens=params.max_new_tokens,
                               do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer)
-    times = streamer.times
-    stats.input_tokens, stats.output_tokens, stats.ttft_s = inputs["input_ids"].shape[1], len(times), times[0] - start
-    stats.decode_tokens_per_s = (len(times) - 1) / (times[-1] - times[0])
+    stats.input_tokens = inputs["input_ids"].shape[1]
+    stats.record(start, streamer.times)
 
 
 def decode_bytes(model: torch.nn.Module) -> int:

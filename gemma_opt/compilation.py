@@ -22,7 +22,7 @@ from transformers import StaticCache
 from transformers.generation.configuration_utils import CompileConfig as HFCompileConfig
 
 from .config import CompileConfig
-from .filtering import repeated_blocks
+from .filtering import VISION_TOWER, repeated_blocks
 from .generation import SamplingParams, generate_text, stream
 from .models import LoadedModel
 
@@ -56,7 +56,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     loaded.decode_cache = DecodeCache(model.config, config.cache_len)
     compiled = ["decode step"]
     if config.vision:
-        vision = {n: b for n, b in repeated_blocks(model, vision=True).items() if "vision_tower" in n}
+        vision = {n: b for n, b in repeated_blocks(model, vision=True).items() if VISION_TOWER in n}
         for block in vision.values():
             block.compile(backend=config.backend, mode=None if config.mode == "default" else config.mode)
         compiled += list(vision)
@@ -72,9 +72,7 @@ def warm_up(loaded: LoadedModel) -> None:
     if window and window + 8 < loaded.decode_cache.max_cache_len:
         ids = torch.full((1, window - 2), loaded.tokenizer.pad_token_id or 0, dtype=torch.long)
         ids[0, 0] = loaded.tokenizer.bos_token_id
-        device = next(loaded.model.parameters()).device
-        for _ in stream(loaded, {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)},
-                        greedy):
+        for _ in stream(loaded, {"input_ids": ids.to(loaded.model.device)}, greedy):
             pass
     if loaded.has_vision:
         generate_text(loaded, WARMUP_PROMPT, Image.new("RGB", (64, 64), (128, 96, 64)), greedy)

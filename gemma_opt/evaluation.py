@@ -23,10 +23,9 @@ def eval_windows(tokenizer, text: str, window: int = 256) -> list[Tensor]:
 @torch.inference_mode()
 def log_probs(model: nn.Module, windows: list[Tensor]) -> list[Tensor]:
     """Next-token log-probabilities (float32, on CPU) for every window position but the last."""
-    device = next(model.parameters()).device
     out = []
     for ids in windows:
-        logits = model(input_ids=ids.to(device), use_cache=False).logits[0, :-1].float()
+        logits = model(input_ids=ids.to(model.device), use_cache=False).logits[0, :-1].float()
         out.append(torch.log_softmax(logits, dim=-1).cpu())
     return out
 
@@ -69,9 +68,9 @@ def evaluate(model: str, methods: list[str], ratios: list[str], quantization: st
 
     variants = []
     for method in methods:
-        for ratio in ["unstructured"] if method == "none" else ratios:
-            prune = {**SPARSITY_CHOICES[method], **({"pattern": ratio} if ":" in ratio else
-                                                    {"ratio": None if method == "none" else float(ratio)})}
+        for ratio in [None] if method == "none" else ratios:
+            sparsity = {} if ratio is None else {"pattern": ratio} if ":" in ratio else {"ratio": float(ratio)}
+            prune = {**SPARSITY_CHOICES[method], **sparsity}
             try:
                 variants.append((method, PipelineConfig.validated({
                     "model": model, "prune": prune, "quant": {"mode": quantization}, "compile": {"mode": "none"}})))

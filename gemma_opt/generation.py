@@ -35,6 +35,14 @@ class GenerationStats:
     ttft_s: float = 0.0
     decode_tokens_per_s: float = 0.0
 
+    def record(self, start: float, token_times: list[float]) -> None:
+        """The figures from when the request started and when each generated token arrived."""
+        self.output_tokens = len(token_times)
+        if token_times:
+            self.ttft_s = token_times[0] - start
+            if len(token_times) > 1:
+                self.decode_tokens_per_s = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+
 
 def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: str | None = None,
                  max_new_tokens: int = 0) -> dict:
@@ -57,8 +65,7 @@ def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: st
     if used > limit:
         raise InputError(f"prompt ({inputs['input_ids'].shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) "
                          f"exceeds this model's context of {limit} tokens")
-    device = next(loaded.model.parameters()).device
-    return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(loaded.model.device) for k, v in inputs.items()}
 
 
 def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: GenerationStats | None = None
@@ -81,23 +88,24 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     else:
         cache, forward = DynamicCache(config=model.config), model.__call__
     pick = _sampler(params)
-    eos = torch.tensor(loaded.eos_token_ids if params.stop_at_eos else [-1], device=inputs["input_ids"].device)
+    eos = set(loaded.eos_token_ids) if params.stop_at_eos else set()
     text = _TextDecoder(loaded.tokenizer)
     start, times = time.perf_counter(), []
     torch.manual_seed(params.seed)
     with torch.inference_mode():
         if isinstance(cache, StaticCache):
             cache.reset()  # in inference mode: its tensors were created there
-        positions = torch.arange(prompt_len, device=eos.device)
+        positions = torch.arange(prompt_len, device=model.device)
         logits = model(**inputs, past_key_values=cache, cache_position=positions, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         try:
             for step in range(params.max_new_tokens):
                 token = pick(logits)
+                token_id = int(token)
                 times.append(time.perf_counter())
-                if torch.isin(token, eos).item():
+                if token_id in eos:
                     break
-                piece = text.add(int(token))
+                piece = text.add(token_id)
                 if piece:
                     yield piece
                 if step + 1 < params.max_new_tokens:
@@ -107,10 +115,7 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
             if rest := text.flush():
                 yield rest
         finally:
-            stats.output_tokens = len(times)
-            if times:
-                stats.ttft_s = times[0] - start
-                stats.decode_tokens_per_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+            stats.record(start, times)
 
 
 def _sampler(params: SamplingParams):

@@ -37,7 +37,7 @@ class Report:
                 f"prune {self.prune.method} -> {self.prune.overall:.1%} sparsity ({s.get('prune', 0):.1f}s); "
                 f"quant {self.config['quant']['mode']}: {self.weight_bytes_before / 1e9:.3f} GB -> "
                 f"{self.weight_bytes_after / 1e9:.3f} GB ({s.get('quantize', 0):.1f}s); "
-                f"compiled {len(self.compiled)} blocks ({s.get('compile', 0):.1f}s with warm-up)")
+                f"compiled: {', '.join(self.compiled) or 'nothing'} ({s.get('compile', 0):.1f}s with warm-up)")
 
 
 def optimize(loaded: LoadedModel, config: PipelineConfig) -> Report:

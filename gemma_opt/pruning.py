@@ -181,20 +181,24 @@ def calibrated_blocks(model: nn.Module, modules: dict[str, nn.Linear], batches: 
     by block. Between two yields the caller may prune the block: the next block's inputs are
     computed after that, through the block as pruned."""
     grouped = modules_by_block(model, modules)
-    blocks = {n: b for n, b in repeated_blocks(model).items() if n in grouped}
+    blocks = repeated_blocks(model)  # all of them: a block with nothing to prune still transforms the inputs
     hidden, kwargs = _block_inputs(model, blocks, batches)
+    last = list(grouped)[-1]
     for name, block in blocks.items():
-        mods = grouped[name]
-        norms = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in mods.items()}
-        hooks = [m.register_forward_pre_hook(partial(_add_squared_norms, norms[n])) for n, m in mods.items()]
-        try:
-            for h, kw in zip(hidden, kwargs[name]):
-                block(h, **kw)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        yield name, mods, norms
-        hidden = [block(h, **kw) for h, kw in zip(hidden, kwargs[name])]
+        if name in grouped:
+            mods = grouped[name]
+            norms = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in mods.items()}
+            hooks = [m.register_forward_pre_hook(partial(_add_squared_norms, norms[n])) for n, m in mods.items()]
+            try:
+                for h, kw in zip(hidden, kwargs[name]):
+                    block(h, **kw)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            yield name, mods, norms
+        if name == last:
+            return
+        hidden = [block(h, **kw) for h, kw in zip(hidden, kwargs[name])]  # through the block as pruned
 
 
 def _add_squared_norms(acc: Tensor, module: nn.Module, args: tuple) -> None:
@@ -220,9 +224,8 @@ def _block_inputs(model: nn.Module, blocks: dict[str, nn.Module], batches: list[
     for name, block in blocks.items():
         block.forward = recorder(name)
     try:
-        device = next(model.parameters()).device
         for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1)
+            model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
     finally:
         for block in blocks.values():
             del block.forward
@@ -384,9 +387,8 @@ def input_hessians(model: nn.Module, modules: dict[str, nn.Linear], batches: lis
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
-        device = next(model.parameters()).device
         for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
+            model(input_ids=ids.to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -62,7 +62,7 @@ class Service:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         base = self.default[0]
-        loaded = dataclasses.replace(base, model=copy.deepcopy(self.pristine).to(self.device), decode_cache=None)
+        loaded = dataclasses.replace(base, model=copy.deepcopy(self.pristine).to(self.device))
         self.variants[key] = (loaded, optimize(loaded, config))
         return self.variants[key]
 

@@ -119,11 +119,12 @@ def test_wanda_prunes_the_lowest_weight_times_input_norm_of_each_row():
     assert torch.equal(two_four, n_m_mask(scores, 2, 4))
 
 
-def test_each_block_calibrates_on_the_outputs_of_the_pruned_blocks_before_it(tiny):
+@pytest.mark.parametrize("exclude", [[], ["*language_model.layers.1.*"]])  # a block with nothing to prune
+def test_each_block_calibrates_on_the_outputs_of_the_pruned_blocks_before_it(tiny, exclude):
     """The norms wanda sees for a block's first projection equal what the finished, pruned
     model feeds it; on the dense model they differ after the first block."""
     model = tiny.model
-    fmap = build_filter_map(model)
+    fmap = build_filter_map(model, FilterConfig(exclude=exclude))
     batches = calibration_batches(tiny.tokenizer, PruneConfig(calibration_tokens=1024))
     q_projs = {n: m for n, m in fmap.modules.items() if n.endswith("q_proj")}
     dense = input_hessians(model, q_projs, batches)
