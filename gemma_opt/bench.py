@@ -30,6 +30,12 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
     "int8-eager": {"quant": {"head": False}, "compile": {"mode": "none"}},
     "int8-compile": {"quant": {"head": False}},
     "int8-head-compile": {"quant": {"head": True}},  # the default pipeline
+    "fp8-compile": {"quant": {"mode": "float8_dynamic"}},
+    # 2:4 on PyTorch's semi-structured sparse kernels (CUDA only): compare with bf16-compile / fp8-compile
+    "sparse24-bf16-compile": {"prune": {"method": "magnitude", "pattern": "2:4"},
+                              "quant": {"mode": "none", "semi_structured": True}},
+    "sparse24-fp8-compile": {"prune": {"method": "magnitude", "pattern": "2:4"},
+                             "quant": {"mode": "float8_dynamic", "semi_structured": True}},
 }
 
 
@@ -116,31 +122,52 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return weight_bytes(model) - vision
 
 
-def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int) -> list[dict]:
+def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
+          on_record=None) -> list[dict]:
+    """The baseline, then each variant, each in a fresh process. A variant that fails is
+    recorded with its error and the rest still run; ``on_record(records)`` sees every
+    step, so a run cut short still leaves what it measured."""
     names = [BASELINE] + [v for v in variants if v != BASELINE]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    records = []
+    bandwidth = measure_bandwidth(resolve_device(PipelineConfig.load().device))
+    records: list[dict] = []
     for name in names:
         cmd = [sys.executable, "-m", "gemma_opt", "bench-one", "--model", model, "--variant", name,
                "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ).stdout
-        records.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"  {name}: {records[-1]['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr)
-    bandwidth = measure_bandwidth(records[0]["device"])
-    base = records[0]["decode_tokens_per_s"]
-    for r in records:
-        roofline = bandwidth / r["decode_bytes_per_token"]
-        r.update(speedup_vs_baseline=r["decode_tokens_per_s"] / base, bandwidth_bytes_per_s=bandwidth,
-                 roofline_tokens_per_s=roofline, roofline_fraction=r["decode_tokens_per_s"] / roofline)
+        run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+        sys.stderr.write(run.stderr)
+        if run.returncode:
+            if name == BASELINE:
+                raise SystemExit(f"the baseline failed: {last_line(run.stderr)}")
+            records.append({"variant": name, "model": model, "error": last_line(run.stderr)})
+            print(f"  {name}: FAILED: {records[-1]['error']}", file=sys.stderr)
+        else:
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            roofline = bandwidth / r["decode_bytes_per_token"]
+            base = records[0]["decode_tokens_per_s"] if records else r["decode_tokens_per_s"]
+            r.update(speedup_vs_baseline=r["decode_tokens_per_s"] / base, bandwidth_bytes_per_s=bandwidth,
+                     roofline_tokens_per_s=roofline, roofline_fraction=r["decode_tokens_per_s"] / roofline)
+            records.append(r)
+            print(f"  {name}: {r['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr)
+        if on_record:
+            on_record(records)
     return records
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def table(records: list[dict]) -> str:
     head = "| variant | setup s (load/prune/quant/compile) | TTFT s | decode tok/s | vs baseline | weights GB | peak mem GB | roofline tok/s | of roofline |"
     rows = [head, "|" + "---|" * 9]
     for r in records:
+        if "error" in r:
+            rows.append(f"| {r['variant']} | failed: {r['error']} |" + " |" * 7)
+            continue
         stages = "/".join(f"{r['setup_stages_s'].get(k, 0):.1f}" for k in ("load", "prune", "quantize", "compile"))
         rows.append(f"| {r['variant']} | {r['setup_s']:.1f} ({stages}) | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.2f} "
                     f"| {r['speedup_vs_baseline']:.2f}x | {r['weight_bytes'] / 1e9:.3f} | {r['peak_memory_bytes'] / 1e9:.2f} "

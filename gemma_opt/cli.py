@@ -96,13 +96,15 @@ def benchmark(args) -> None:
 
     from .bench import bench, table
 
-    records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats)
+    def save(records):
+        if args.json:
+            Path(args.json).write_text(json.dumps(records, indent=1))
+
+    records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save)
     print(table(records))
     r = records[0]
     print(f"\nmeasured read bandwidth: {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s on {r['device']}, "
           f"{r['threads']} threads; roofline = bandwidth / weight bytes read per decoded token")
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
 
 
 def bench_one(args) -> None:

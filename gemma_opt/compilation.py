@@ -7,10 +7,13 @@ in every request whatever its prompt length or ``max_new_tokens``, and one set o
 graphs serves them all. transformers' ``generate()`` does exactly this when the model
 has a ``CompileConfig`` and the cache is static; we enable it on CPU as well.
 
-Gemma 3's sliding-window cache layers count their length in a Python int, which
-dynamo specialises on: the first decode step compiles, the second recompiles with
-that int symbolic, and the cache becoming full (past the window) compiles once more.
-The warm-up walks through all three, so no request compiles. The vision encoder's
+Every layer's cache holds all ``cache_len`` positions, the sliding-window layers too,
+and the window is applied by the attention mask, as gpt-fast does. transformers' own
+sliding layers keep just the window and count their length in a Python int: dynamo
+specialises on it (three graphs: first step, symbolic int, window full) and CUDA graphs
+record a new graph for every value of it. Full-length layers make the step one graph
+with the same shapes and no Python state, for any prompt length and ``max_new_tokens``;
+they cost the reads of the masked positions (measured in README). The vision encoder's
 layers, run once per image, can be compiled regionally (``vision``).
 """
 
@@ -18,24 +21,52 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.configuration_utils import CompileConfig as HFCompileConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .config import CompileConfig
 from .filtering import VISION_TOWER, repeated_blocks
-from .generation import SamplingParams, generate_text, stream
+from .generation import SamplingParams, generate_text
 from .models import LoadedModel
 
+ATTENTION = "gemma_opt_grouped"
 WARMUP_PROMPT = "Describe the weather on a quiet autumn morning, in a few words."
 
 
 class DecodeCache(StaticCache):
-    """The static KV cache of the compiled decode step; it knows its own length, which
-    transformers keeps only per layer (sliding layers hold just their window)."""
+    """The static KV cache of the compiled decode step: ``max_cache_len`` positions in every
+    layer (no sliding layers, see above)."""
 
     def __init__(self, config, max_cache_len: int):
-        super().__init__(config=config, max_cache_len=max_cache_len)
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+        Cache.__init__(self, layers=[StaticLayer(max_cache_len=max_cache_len) for _ in range(layers)])
         self.max_cache_len = max_cache_len
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """transformers' eager attention, without copying K and V once per query head.
+
+    The eager version expands K/V to every query head (``repeat_kv``): for one decoded
+    token that copy is most of the attention's memory traffic (Gemma 3 270M: 4 query heads
+    per KV head). Here the query heads of a group are stacked against their shared KV head.
+    """
+    batch, heads, q_len, dim = query.shape
+    groups = key.shape[1]
+    q = query.reshape(batch, groups, heads // groups * q_len, dim)
+    scores = (q @ key.transpose(-1, -2)).view(batch, groups, heads // groups, q_len, -1) * (scaling or dim**-0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None]
+    probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    out = probs.view(batch, groups, heads // groups * q_len, -1) @ value
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, grouped_attention)
+AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
@@ -49,7 +80,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # (measured on the 270M, 40% of a step); plain matmul-softmax attention fuses into the
     # compiled graph instead. Prefill is eager and short, so it pays little for this.
     text_only = model.config.get_text_config() is model.config
-    model.set_attn_implementation("eager" if text_only else {"text_config": "eager"})
+    model.set_attn_implementation(ATTENTION if text_only else {"text_config": ATTENTION})
     hf_config = HFCompileConfig(fullgraph=True, dynamic=None, backend=config.backend, mode=config.mode)
     hf_config._compile_all_devices = True  # transformers only auto-compiles on accelerators unless told
     model.generation_config.compile_config = hf_config
@@ -64,16 +95,10 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
 
 
 def warm_up(loaded: LoadedModel) -> None:
-    """Compile every decode graph now rather than in a request: a short prompt, one that
-    fills the sliding window, and an image prompt when the model has a vision tower."""
+    """Compile the decode step now rather than in a request (the first two steps: CUDA graphs
+    record on the second call), and the vision layers with an image prompt when asked."""
     greedy = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eos=False)
     generate_text(loaded, WARMUP_PROMPT, params=greedy)
-    window = loaded.model.config.get_text_config().sliding_window
-    if window and window + 8 < loaded.decode_cache.max_cache_len:
-        ids = torch.full((1, window - 2), loaded.tokenizer.pad_token_id or 0, dtype=torch.long)
-        ids[0, 0] = loaded.tokenizer.bos_token_id
-        for _ in stream(loaded, {"input_ids": ids.to(loaded.model.device)}, greedy):
-            pass
     if loaded.has_vision:
         generate_text(loaded, WARMUP_PROMPT, Image.new("RGB", (64, 64), (128, 96, 64)), greedy)
 

@@ -19,7 +19,8 @@ MIN_RATIO, MAX_RATIO = 0.01, 0.80
 PRUNE_METHODS = ("none", "magnitude", "wanda", "gradual", "layer_norm")
 LAYER_RATIOS = ("uniform", "owl")
 N_M_METHODS = ("magnitude", "wanda")  # scores compared within groups of M inputs of a row
-QUANT_MODES = ("none", "int8_weight_only", "int4_weight_only", "float8_weight_only")
+QUANT_MODES = ("none", "int8_weight_only", "int4_weight_only", "float8_weight_only", "float8_dynamic")
+SEMI_STRUCTURED_MODES = ("none", "float8_dynamic")  # torchao 0.18's 2:4 kernels: bf16, and float8 (CUTLASS, sm90)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -112,6 +113,9 @@ class QuantConfig(_Section):
     mode: Literal[QUANT_MODES] = "int8_weight_only"
     head: bool = Field(True, description="with int8_weight_only, also the tied LM head, the input embedding "
                        "reading the same int8 table (one copy); other modes leave the head in bf16")
+    semi_structured: bool = Field(False, description="store 2:4-pruned linears in PyTorch's semi-structured sparse "
+                                  "format and run them on its sparse kernels (CUDA, compute capability 8.0+); "
+                                  "needs prune.pattern 2:4 and mode none (bf16) or float8_dynamic (sm90)")
 
 
 class CompileConfig(_Section):
@@ -132,6 +136,17 @@ class PipelineConfig(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
     compile: CompileConfig = Field(default_factory=CompileConfig)
+
+    @model_validator(mode="after")
+    def _semi_structured(self) -> PipelineConfig:
+        if self.quant.semi_structured:
+            if self.prune.method == "none" or self.prune.pattern != "2:4":
+                raise ValueError("quant.semi_structured needs 2:4 pruning: prune.method magnitude or wanda "
+                                 "with prune.pattern '2:4'")
+            if self.quant.mode not in SEMI_STRUCTURED_MODES:
+                raise ValueError(f"quant.semi_structured works with quant.mode {' or '.join(SEMI_STRUCTURED_MODES)}: "
+                                 f"torchao 0.18 has no 2:4 kernel for {self.quant.mode}")
+        return self
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None, **overrides) -> PipelineConfig:

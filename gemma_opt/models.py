@@ -57,9 +57,9 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
     if name == "gemma-3-270m":
         loaded = _load_folder(_gemma_270m_folder(), dtype, name)
     elif name == "tiny-random":
-        loaded = _random_multimodal(tiny_random_config(), name, dtype, image_size=64)
+        loaded = _random_multimodal(tiny_random_config(), name, dtype, device, image_size=64)
     elif name == "gemma-3-4b-arch":
-        loaded = _random_multimodal(gemma_3_4b_config(), name, dtype, image_size=896)
+        loaded = _random_multimodal(gemma_3_4b_config(), name, dtype, device, image_size=896)
     elif name.endswith(".gguf"):
         loaded = _load_gguf(Path(name), dtype)
     elif Path(name).is_dir():
@@ -163,12 +163,14 @@ def tiny_random_config():
                         eos_token_id=[1, 106])
 
 
-def _random_multimodal(config, name: str, dtype: torch.dtype, image_size: int) -> LoadedModel:
-    """Random weights (seeded, so every process builds the same model) and a real Gemma 3 processor."""
+def _random_multimodal(config, name: str, dtype: torch.dtype, device: str, image_size: int) -> LoadedModel:
+    """Random weights (seeded, so every process on a device builds the same model), initialised
+    on the device itself (seconds on a GPU instead of a minute on the CPU), and a real Gemma 3 processor."""
     from transformers import Gemma3ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)  # initialised in dtype, not fp32
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)  # initialised in dtype, not fp32
     model.generation_config.eos_token_id = [1, 106]
     processor = gemma_processor(image_size, config.mm_tokens_per_image)
     return LoadedModel(model, processor.tokenizer, processor, name)

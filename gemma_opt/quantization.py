@@ -1,11 +1,15 @@
-"""Weight-only quantization with torchao's ``quantize_``, through the filter map."""
+"""Quantization with torchao's ``quantize_``, through the filter map; and 2:4 semi-structured
+sparse storage (``sparsify_``), alone in bf16 or with float8, where the GPU has the kernels."""
 
 from __future__ import annotations
 
 import torch
 import torchao
 from torch import Tensor, nn
-from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                  Int4WeightOnlyConfig, Int8WeightOnlyConfig, PerRow, quantize_)
+from torchao.quantization.quantize_.workflows import Float8PackingFormat
+from torchao.sparsity.sparse_api import SemiSparseWeightConfig
 
 from .config import ConfigError, QuantConfig
 from .filtering import FilterMap
@@ -14,14 +18,28 @@ TORCHAO_CONFIGS = {
     "int8_weight_only": Int8WeightOnlyConfig,
     "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=128),
     "float8_weight_only": Float8WeightOnlyConfig,
+    "float8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+}
+SEMI_STRUCTURED_CONFIGS = {  # 2:4 kernels in torch 2.13 / torchao 0.18, with the compute capability they need
+    "none": (SemiSparseWeightConfig, (8, 0)),  # bf16 weights, cuSPARSELt (or CUTLASS)
+    "float8_dynamic": (lambda: Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), packing_format=Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA), (9, 0)),  # CUTLASS
 }
 
 
 def quantize(model: nn.Module, fmap: FilterMap, config: QuantConfig) -> None:
-    """Quantize the filter map's linears in place (``mode='none'`` leaves them)."""
+    """Quantize the filter map's linears in place (``mode='none'`` leaves them), or with
+    ``semi_structured`` store their 2:4 zeros compressed for the sparse kernels."""
+    if config.semi_structured:
+        make_config, capability = SEMI_STRUCTURED_CONFIGS[config.mode]
+        example = next(iter(fmap.modules.values()))
+        check_semi_structured_device(example.weight.device, capability)
+        check_supported(f"{config.mode} 2:4 semi-structured", make_config, example, two_four=True)
+        quantize_(model, make_config(), filter_fn=fmap.filter_fn)
+        return
     if config.mode == "none":
         return
-    check_supported(config.mode, next(iter(fmap.modules.values())))
+    check_supported(config.mode, TORCHAO_CONFIGS[config.mode], next(iter(fmap.modules.values())))
     quantize_(model, TORCHAO_CONFIGS[config.mode](), filter_fn=fmap.filter_fn)
     if config.head and config.mode == "int8_weight_only":
         quantize_head(model)
@@ -54,19 +72,35 @@ class SharedInt8Embedding(nn.Module):
         return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
 
 
-def check_supported(mode: str, example: nn.Linear) -> None:
-    """Quantize and run a small copy of a real layer; torchao's own error becomes a clear one.
+def check_semi_structured_device(device: torch.device, capability: tuple[int, int]) -> None:
+    """PyTorch's semi-structured kernels are CUDA only; say so before torchao fails obscurely."""
+    if device.type != "cuda":
+        raise ConfigError(f"quant.semi_structured runs 2:4 weights on PyTorch's semi-structured sparse kernels "
+                          f"(cuSPARSELt/CUTLASS), which need a CUDA GPU of compute capability {capability[0]}."
+                          f"{capability[1]} or newer; this pipeline runs on {device.type}. Without "
+                          f"semi_structured, 2:4 pruning still runs, its zeros stored densely.")
+    if torch.cuda.get_device_capability(device) < capability:
+        raise ConfigError(f"quant.semi_structured with this mode needs compute capability {capability}, "
+                          f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
+
+
+def check_supported(label: str, make_config, example: nn.Linear, two_four: bool = False) -> None:
+    """Convert and run a small layer like a real one; torchao's own error becomes a clear one.
 
     torchao's support differs by device, dtype and installed kernels (int4 needs CUDA
     kernels, for instance), so asking it beats keeping a table that goes stale.
     """
     weight = example.weight
     probe = nn.Sequential(nn.Linear(256, 256, bias=False, device=weight.device, dtype=weight.dtype))
+    if two_four:  # a 2:4 pattern: the two smaller of every four inputs zeroed
+        with torch.no_grad():
+            w = probe[0].weight.view(-1, 4)
+            w.scatter_(1, w.abs().argsort(dim=1)[:, :2], 0)
     try:
-        quantize_(probe, TORCHAO_CONFIGS[mode]())
+        quantize_(probe, make_config())
         probe(torch.ones(1, 256, device=weight.device, dtype=weight.dtype))
     except Exception as e:  # noqa: BLE001 - re-raised with the reason
-        raise ConfigError(f"quantization {mode} is not supported by torchao {torchao.__version__} on "
+        raise ConfigError(f"{label} is not supported by torchao {torchao.__version__} on "
                           f"{weight.device.type} with {weight.dtype}: {type(e).__name__}: {e}") from e
 
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU speed check of the gemma-3-4b-it architecture (random weights): plain transformers bf16
-# generate() against bf16 + compile, INT8 + compile and INT8 (head too) + compile, all in one
-# `bench` run, JSON written to $OUT (or ./out). Well under 8 minutes on an H100/H200/L40S.
+# GPU speed check of the gemma-3-4b-it architecture (random weights), one `bench` run: plain
+# transformers bf16 generate() against the default pipeline (INT8 weight-only, head too, compiled
+# decode step with CUDA graphs), bf16 + compile, 2:4 on the semi-structured sparse kernels (bf16,
+# then float8 where the GPU is sm90), float8 + compile, INT8 without the head. The JSON in $OUT
+# (or ./out) is rewritten after every variant, and a variant that fails is recorded with its
+# error, so a cut-short run still reports. Under 8 minutes on an H100/H200/L40S.
 #
 #   bash scripts/gpu_check.sh prepare   # here, with pip access: wheels + tokenizer into .gpu/
 #   bash scripts/gpu_check.sh           # there, on a bare CUDA machine with torch installed
@@ -41,5 +44,9 @@ python3 -c "import torch, torchao, transformers; print(torch.__version__, torcha
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
-timeout 420 python3 -m gemma_opt bench --model gemma-3-4b-arch --prompt-tokens 128 --new-tokens 128 --repeats 3 \
-    --variants bf16-compile,int8-compile,int8-head-compile --json "$out/bench_4b_gpu.json" 2>&1 | tee "$out/bench_4b_gpu.log"
+variants=${VARIANTS:-int8-head-compile,bf16-compile,sparse24-bf16-compile,fp8-compile,sparse24-fp8-compile,int8-compile}
+timeout ${BENCH_TIMEOUT:-430} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
+    --new-tokens 128 --repeats 2 --variants "$variants" --json "$out/bench_4b_gpu.json" > "$out/bench_4b_gpu.log" 2>&1 \
+    || echo "bench exited with $?" | tee -a "$out/bench_4b_gpu.log"
+grep -v "Warning\|warn\|^W[0-9]" "$out/bench_4b_gpu.log" | tail -30
+python3 -c "import json, sys; from gemma_opt.bench import table; print(table(json.load(open(sys.argv[1]))))" "$out/bench_4b_gpu.json" || true

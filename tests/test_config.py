@@ -4,7 +4,7 @@ from torch import nn
 
 from gemma_opt.config import SPARSITY_CHOICES, ConfigError, PipelineConfig, env_names
 from gemma_opt.filtering import build_filter_map
-from gemma_opt.quantization import check_supported
+from gemma_opt.quantization import TORCHAO_CONFIGS, check_supported
 
 
 def test_defaults_are_the_product_pipeline():
@@ -55,7 +55,7 @@ def test_unknown_quantization_and_compile_modes_are_rejected():
 
 def test_int4_on_this_cpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="int4_weight_only is not supported by torchao .* on cpu"):
-        check_supported("int4_weight_only", nn.Linear(8, 8, dtype=torch.bfloat16))
+        check_supported("int4_weight_only", TORCHAO_CONFIGS["int4_weight_only"], nn.Linear(8, 8, dtype=torch.bfloat16))
 
 
 def test_filter_pattern_matching_nothing_is_an_error():
@@ -83,3 +83,13 @@ def test_every_option_has_an_env_var_and_env_overrides_file(tmp_path):
     assert PipelineConfig.load(env={"GEMMA_OPT_CONFIG": str(toml_file)}).quant.mode == "none"
     with pytest.raises(ConfigError, match="prune.ratio"):
         PipelineConfig.load(env={"GEMMA_OPT_PRUNE_METHOD": "magnitude", "GEMMA_OPT_PRUNE_RATIO": "lots"})
+
+
+def test_semi_structured_needs_2_4_pruning_and_a_mode_with_a_2_4_kernel():
+    two_four = {"method": "magnitude", "pattern": "2:4"}
+    with pytest.raises(ConfigError, match="semi_structured needs 2:4 pruning"):
+        PipelineConfig.validated({"prune": {"method": "magnitude", "ratio": 0.5}, "quant": {"mode": "none", "semi_structured": True}})
+    with pytest.raises(ConfigError, match="no 2:4 kernel for int8_weight_only"):
+        PipelineConfig.validated({"prune": two_four, "quant": {"semi_structured": True}})
+    for mode in ("none", "float8_dynamic"):
+        assert PipelineConfig.validated({"prune": two_four, "quant": {"mode": mode, "semi_structured": True}}).quant.semi_structured

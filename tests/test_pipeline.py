@@ -4,7 +4,7 @@ from PIL import Image
 from torchao.quantization import Int8Tensor
 
 from gemma_opt.compilation import compile_counters
-from gemma_opt.config import PipelineConfig, PruneConfig, QuantConfig
+from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.generation import SamplingParams, generate_text
 from gemma_opt.models import load_model
@@ -104,3 +104,21 @@ def test_a_request_longer_than_the_static_cache_decodes_eagerly(tiny):
     graphs = compile_counters().get("unique_graphs")
     text = generate_text(tiny, "Tell me everything. " * 10, params=SamplingParams(max_new_tokens=60, temperature=0))
     assert text and compile_counters().get("unique_graphs") == graphs
+
+
+def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window(tiny):
+    prompt = "Count the apples on the table, one by one. " * 5  # 50+ tokens; window 64, 40 more generated
+    greedy = SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=False)
+    eager = generate_text(tiny, prompt, params=greedy)  # transformers' dynamic cache, sliding layers keep 64
+    before = compile_counters().get("unique_graphs", 0)
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "quant": {"mode": "none"}}))
+    assert compile_counters().get("unique_graphs", 0) - before == 1  # first step, second step, any length
+    assert generate_text(tiny, prompt, params=greedy) == eager
+    assert compile_counters().get("unique_graphs", 0) - before == 1
+
+
+def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
+    config = PipelineConfig.validated({"model": "tiny-random", "prune": {"method": "magnitude", "pattern": "2:4"},
+                                       "quant": {"mode": "none", "semi_structured": True}})
+    with pytest.raises(ConfigError, match="semi-structured sparse kernels .* need a CUDA GPU .* runs on cpu"):
+        optimize(tiny, config)
