@@ -30,6 +30,11 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
     "int8-eager": {"quant": {"head": False}, "compile": {"mode": "none"}},
     "int8-compile": {"quant": {"head": False}},
     "int8-head-compile": {"quant": {"head": True}},  # the default pipeline
+    # MLP neurons pruned (``neurons``, short calibration: speed does not depend on which ones),
+    # kept as zeros or compacted away; both then go through the default pipeline
+    **{f"mlp{round(100 * ratio)}-{kind}": {"prune": {"method": "neurons", "ratio": ratio, "calibration_tokens": 511,
+                                                       "compact": kind == "compact"}}
+       for ratio in (0.25, 0.5) for kind in ("masked", "compact")},
     "fp8-compile": {"quant": {"mode": "float8_dynamic"}},
     # 2:4 on PyTorch's semi-structured sparse kernels (CUDA only): compare with bf16-compile / fp8-compile
     "sparse24-bf16-compile": {"prune": {"method": "magnitude", "pattern": "2:4"},

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MIN_RATIO, MAX_RATIO = 0.01, 0.80
-PRUNE_METHODS = ("none", "magnitude", "wanda", "gradual", "layer_norm")
+PRUNE_METHODS = ("none", "magnitude", "wanda", "gradual", "neurons", "layer_norm")
+NEURON_METHODS = ("neurons", "layer_norm")  # prune whole MLP neurons, so `compact` can remove them
 LAYER_RATIOS = ("uniform", "owl")
 N_M_METHODS = ("magnitude", "wanda")  # scores compared within groups of M inputs of a row
 QUANT_MODES = ("none", "int8_weight_only", "int4_weight_only", "float8_weight_only", "float8_dynamic")
@@ -42,13 +43,16 @@ class FilterConfig(_Section):
 
 class PruneConfig(_Section):
     method: Literal[PRUNE_METHODS] = "none"
-    ratio: float | None = Field(None, description="fraction of weights zeroed; N:M patterns imply 1 - N/M")
+    ratio: float | None = Field(None, description="fraction of weights zeroed (neurons: of MLP neurons); "
+                                "N:M patterns imply 1 - N/M")
     scope: Literal["per_layer", "global"] = "per_layer"
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N kept of every M inputs)")
     layer_ratios: Literal[LAYER_RATIOS] = Field(
         "uniform", description="'owl': layers with more activation outliers keep more weights (same mean)")
     owl_lambda: float = Field(0.04, ge=0.0, le=0.4, description="owl: layer ratios span target +- this")
     owl_threshold: float = Field(5.0, gt=1.0, description="owl: an outlier scores above this many times the layer mean")
+    compact: bool = Field(False, description="neurons/layer_norm: remove the pruned MLP neurons from the weights "
+                          "(narrower MLPs: less memory, faster on any hardware; outputs unchanged)")
     steps: int = Field(4, ge=1, le=64, description="gradual: number of pruning steps")
     calibration_file: Path | None = Field(None, description="calibration text; default ships with the package")
     calibration_tokens: int = Field(4096, ge=64, le=1 << 20)
@@ -72,6 +76,9 @@ class PruneConfig(_Section):
 
     @model_validator(mode="after")
     def _ratio(self) -> PruneConfig:
+        if self.compact and self.method not in NEURON_METHODS:
+            raise ValueError(f"compact removes whole MLP neurons: it needs method {' or '.join(NEURON_METHODS)}, "
+                             f"not {self.method}")
         if self.method == "none":
             return self
         if self.n_m is not None:
@@ -85,7 +92,7 @@ class PruneConfig(_Section):
             return self
         if self.ratio is None or not MIN_RATIO <= self.ratio <= MAX_RATIO:
             raise ValueError(f"ratio must be within [{MIN_RATIO}, {MAX_RATIO}] for method {self.method}, got {self.ratio}")
-        if self.method in ("wanda", "layer_norm", "gradual") and self.scope != "per_layer":
+        if self.method in ("wanda", "neurons", "layer_norm", "gradual") and self.scope != "per_layer":
             raise ValueError(f"{self.method} prunes each layer on its own; scope must be per_layer")
         if self.layer_ratios == "owl" and (self.method not in N_M_METHODS or self.scope != "per_layer"):
             raise ValueError(f"layer_ratios 'owl' works with per_layer {' or '.join(N_M_METHODS)}, "

@@ -62,7 +62,7 @@ def evaluate(model: str, methods: list[str], ratios: list[str], quantization: st
     """
     from tqdm import tqdm
 
-    from .config import SPARSITY_CHOICES, ConfigError, PipelineConfig
+    from .config import NEURON_METHODS, SPARSITY_CHOICES, ConfigError, PipelineConfig
     from .models import load_model
     from .pipeline import optimize
 
@@ -71,6 +71,7 @@ def evaluate(model: str, methods: list[str], ratios: list[str], quantization: st
         for ratio in [None] if method == "none" else ratios:
             sparsity = {} if ratio is None else {"pattern": ratio} if ":" in ratio else {"ratio": float(ratio)}
             prune = {**SPARSITY_CHOICES[method], **sparsity}
+            prune["compact"] = prune["method"] in NEURON_METHODS  # the model measured is the narrower one
             try:
                 variants.append((method, PipelineConfig.validated({
                     "model": model, "prune": prune, "quant": {"mode": quantization}, "compile": {"mode": "none"}})))

@@ -19,6 +19,15 @@
   Blocks with a larger share of outlier scores (Wanda score > threshold x the block
   mean, on the dense model) keep more weights; ratios span target +- lambda linearly in
   that share and their mean is the target. Works with magnitude and wanda.
+- ``neurons``: structured, whole MLP neurons only (attention untouched), scored by the
+  size of what each adds to the residual stream on calibration text: ||a_i||_2 *
+  ||W_down[:, i]||_2, a_i the neuron's activation (the down projection's input channel
+  i). Block by block on the pruned model's own activations, like wanda (this is
+  Wanda's score summed over the neuron's column, as in Wanda-sp / FLAP).
+- ``compact`` (with ``neurons`` or ``layer_norm``): the pruned neurons are then removed
+  from the weights, gate/up rows and down columns, so the MLPs get narrower and decode
+  reads fewer bytes on any hardware. A neuron whose down column is zero adds exactly
+  nothing, so this changes no output.
 - ``layer_norm``: structured, no forward pass. MLP neurons are pruned as a unit (gate
   row i, up row i, down column i, scored by the L2 norm of all three), so a pruned
   neuron is removed exactly; q/k/v lose their lowest-norm output rows; o_proj loses
@@ -53,6 +62,8 @@ class PruneReport:
     overall: float = 0.0
     seconds: float = 0.0
     unrecovered: list[str] = field(default_factory=list)  # gradual: modules calibration never reached
+    neurons_removed: int = 0  # compact: MLP neurons taken out of the weights
+    neurons_before: int = 0
     layer_ratios: dict[str, float] = field(default_factory=dict)  # owl: target ratio of each block
 
 
@@ -260,22 +271,57 @@ def owl_allocation(outlier_shares: dict[str, float], target: float, lam: float) 
 # ---------------------------------------------------------------------------- layer_norm
 def layer_norm_masks(modules: dict[str, nn.Linear], ratio: float) -> dict[str, Tensor]:
     """Structured masks from L2 norms; see the module docstring for which dimension each loses."""
-    masks: dict[str, Tensor] = {}
+    mlps = mlp_groups(modules)
+    masks = {name: norm_mask(mod.weight, ratio, by_column=name.rpartition(".")[2] in _OUTPUT_PROJ)
+             for name, mod in modules.items() if name.rpartition(".")[0] not in mlps}
+    for prefix, parts in mlps.items():
+        norms2 = sum(m.weight.detach().float().pow(2).sum(dim=0 if leaf in _OUTPUT_PROJ else 1)
+                     for leaf, m in parts.items())
+        masks.update(neuron_line_masks(prefix, parts, lowest_mask(norms2, ratio)))
+    return {name: masks[name] for name in modules}
+
+
+def mlp_groups(modules: dict[str, nn.Linear]) -> dict[str, dict[str, nn.Linear]]:
+    """MLP prefix -> {leaf: linear}: neuron i is row i of gate/up/fc1 and column i of down/fc2."""
     mlps: dict[str, dict[str, nn.Linear]] = {}
     for name, mod in modules.items():
         prefix, _, leaf = name.rpartition(".")
         if leaf in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2"):
             mlps.setdefault(prefix, {})[leaf] = mod
-        else:
-            masks[name] = norm_mask(mod.weight, ratio, by_column=leaf in _OUTPUT_PROJ)
-    for prefix, parts in mlps.items():
-        # Neuron i: row i of gate/up/fc1, column i of down/fc2.
-        norms2 = sum(m.weight.detach().float().pow(2).sum(dim=0 if leaf in _OUTPUT_PROJ else 1)
-                     for leaf, m in parts.items())
-        drop = lowest_mask(norms2, ratio)
+    return mlps
+
+
+def neuron_line_masks(prefix: str, parts: dict[str, nn.Linear], drop: Tensor) -> dict[str, Tensor]:
+    return {f"{prefix}.{leaf}": line_mask(m.weight, drop, by_column=leaf in _OUTPUT_PROJ) for leaf, m in parts.items()}
+
+
+def neuron_masks(modules: dict[str, nn.Linear], squared_norms: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+    """``neurons``: drop the MLP neurons with the smallest ||a_i|| * ||W_down[:, i]||."""
+    masks = {}
+    for prefix, parts in mlp_groups(modules).items():
+        leaf, down = next((leaf, m) for leaf, m in parts.items() if leaf in _OUTPUT_PROJ)
+        score = squared_norms[f"{prefix}.{leaf}"].sqrt() * down.weight.detach().float().norm(dim=0)
+        masks.update(neuron_line_masks(prefix, parts, lowest_mask(score, ratio)))
+    return masks
+
+
+@torch.no_grad()
+def compact_mlps(modules: dict[str, nn.Linear]) -> tuple[int, int]:
+    """Remove, in place, every MLP neuron whose down-projection column is all zero (it adds
+    nothing to the output); the linears keep their identity, so the filter map stays valid.
+    Returns (neurons removed, neurons before)."""
+    removed = before = 0
+    for parts in mlp_groups(modules).values():
+        down = next(m for leaf, m in parts.items() if leaf in _OUTPUT_PROJ)
+        keep = down.weight.ne(0).any(dim=0)
+        removed, before = removed + int((~keep).sum()), before + keep.numel()
         for leaf, m in parts.items():
-            masks[f"{prefix}.{leaf}"] = line_mask(m.weight, drop, by_column=leaf in _OUTPUT_PROJ)
-    return {name: masks[name] for name in modules}
+            by_column = leaf in _OUTPUT_PROJ
+            m.weight = nn.Parameter(m.weight[:, keep] if by_column else m.weight[keep], requires_grad=False)
+            if m.bias is not None and not by_column:
+                m.bias = nn.Parameter(m.bias[keep], requires_grad=False)
+            m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
+    return removed, before
 
 
 def norm_mask(weight: Tensor, ratio: float, by_column: bool) -> Tensor:
@@ -402,7 +448,8 @@ def calibration_batches(tokenizer, config: PruneConfig, seq_len: int = 512) -> l
     body = seq_len - 1
     n = min(config.calibration_tokens, len(ids)) // body
     if n == 0:
-        raise ConfigError(f"calibration text has {len(ids)} tokens; at least {body} are needed")
+        raise ConfigError(f"calibration needs at least {body} tokens: calibration_tokens is "
+                          f"{config.calibration_tokens} and the text has {len(ids)}")
     bos = torch.tensor([tokenizer.bos_token_id])
     return [torch.cat([bos, ids[i * body:(i + 1) * body]])[None] for i in range(n)]
 
@@ -448,7 +495,7 @@ def prune(model: nn.Module, fmap: FilterMap, config: PruneConfig, tokenizer=None
     report = PruneReport(config.method, config.target_ratio)
     if config.method == "none":
         return report
-    needs_text = config.method in ("wanda", "gradual") or config.layer_ratios == "owl"
+    needs_text = config.method in ("wanda", "neurons", "gradual") or config.layer_ratios == "owl"
     if needs_text and tokenizer is None:
         raise ConfigError(f"{config.choice} pruning needs a tokenizer for its calibration text")
     batches = calibration_batches(tokenizer, config) if needs_text else []
@@ -463,6 +510,9 @@ def prune(model: nn.Module, fmap: FilterMap, config: PruneConfig, tokenizer=None
         for block, mods, norms in calibrated_blocks(model, modules, batches):
             ratio = report.layer_ratios.get(block, config.target_ratio)
             apply_masks_(mods, wanda_masks(mods, norms, ratio, config.n_m))
+    elif config.method == "neurons":
+        for _, mods, norms in calibrated_blocks(model, modules, batches):
+            apply_masks_(mods, neuron_masks(mods, norms, config.ratio))
     elif config.method == "layer_norm":
         apply_masks_(modules, layer_norm_masks(modules, config.ratio))
     elif config.method == "gradual":
@@ -473,5 +523,7 @@ def prune(model: nn.Module, fmap: FilterMap, config: PruneConfig, tokenizer=None
         report.per_layer[name] = z / mod.weight.numel()
         zeros, total = zeros + z, total + mod.weight.numel()
     report.overall = zeros / total
+    if config.compact:
+        report.neurons_removed, report.neurons_before = compact_mlps(modules)
     report.seconds = time.perf_counter() - start
     return report

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import N_M_METHODS, SPARSITY_CHOICES, PipelineConfig
+from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, PipelineConfig
 from .generation import InputError
 from .models import LoadedModel
 from .pipeline import Report, load, optimize, resolve_device
@@ -41,11 +41,15 @@ class Service:
         return self.variants[self.default_key]
 
     def variant_config(self, sparsity: str, ratio: float | None, quantization: str) -> PipelineConfig:
-        """``sparsity`` is one of SPARSITY_CHOICES; the deployment's N:M pattern is kept where it applies."""
+        """``sparsity`` is one of SPARSITY_CHOICES; the deployment's N:M pattern, compaction and
+        2:4 kernels are kept where they apply."""
         prune = {**SPARSITY_CHOICES[sparsity], "ratio": ratio if sparsity != "none" else None}
         if prune["method"] not in N_M_METHODS or prune["layer_ratios"] != "uniform":
             prune["pattern"] = "unstructured"
-        return self.config.replace(prune=prune, quant={"mode": quantization})
+        prune["compact"] = self.config.prune.compact and prune["method"] in NEURON_METHODS
+        semi_structured = (self.config.quant.semi_structured and prune.get("pattern", self.config.prune.pattern) == "2:4"
+                           and quantization in SEMI_STRUCTURED_MODES)
+        return self.config.replace(prune=prune, quant={"mode": quantization, "semi_structured": semi_structured})
 
     def get(self, sparsity: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
         """The variant for these choices: cached, or built from the pristine weights."""
@@ -68,7 +72,8 @@ class Service:
 
     @staticmethod
     def _key(config: PipelineConfig) -> tuple:
-        return config.prune.choice, config.prune.ratio, config.prune.pattern, config.quant.mode
+        return (config.prune.choice, config.prune.ratio, config.prune.pattern, config.prune.compact, config.quant.mode,
+                config.quant.semi_structured)
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -2,8 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from gemma_opt.config import ConfigError, FilterConfig, PruneConfig
+from gemma_opt.config import ConfigError, FilterConfig, PipelineConfig, PruneConfig
 from gemma_opt.filtering import FilterMap, build_filter_map
+from gemma_opt.generation import SamplingParams, generate_text
+from gemma_opt.models import load_model
+from gemma_opt.pipeline import optimize
+from gemma_opt.quantization import weight_bytes
 from gemma_opt.pruning import (GradualPruner, apply_masks_, calibrated_blocks, calibration_batches, input_hessians,
                                layer_norm_masks, magnitude_masks, n_m_mask, owl_allocation, prune, smallest_masks,
                                wanda_masks)
@@ -167,3 +171,37 @@ def test_calibrated_pruning_refuses_modules_outside_the_decoder_blocks(tiny):
     fmap = build_filter_map(tiny.model, FilterConfig(include_vision=True))
     with pytest.raises(ConfigError, match="outside them .*vision_tower"):
         prune(tiny.model, fmap, PruneConfig(method="wanda", ratio=0.5), tiny.tokenizer)
+
+
+@pytest.mark.parametrize("method,quant", [("neurons", "none"), ("layer_norm", "int8_weight_only")])
+def test_compacted_model_equals_the_masked_model(method, quant):
+    masked, compacted = (load_model("tiny-random", dtype=torch.float32) for _ in range(2))
+    config = {"model": "tiny-random", "dtype": "float32", "compile": {"mode": "none"}, "quant": {"mode": quant},
+              "prune": {"method": method, "ratio": 0.5, "calibration_tokens": 512}}
+    optimize(masked, PipelineConfig.validated(config))
+    config["prune"]["compact"] = True
+    report = optimize(compacted, PipelineConfig.validated(config))
+    assert (report.prune.neurons_removed, report.prune.neurons_before) == (4 * 64, 4 * 128)
+    mlp = compacted.model.model.language_model.layers[0].mlp
+    assert mlp.gate_proj.weight.shape == (64, 64) and mlp.down_proj.weight.shape == (64, 64)
+    assert report.weight_bytes_after <= weight_bytes(masked.model) - 3 * 4 * 64 * 64  # a byte or more a weight
+    ids = compacted.tokenizer("Why is the sky blue? Because of Rayleigh scattering", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        torch.testing.assert_close(compacted.model(input_ids=ids).logits, masked.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    assert generate_text(compacted, "Why is the sky blue?", params=greedy) == generate_text(masked, "Why is the sky blue?", params=greedy)
+
+
+def test_neurons_prunes_whole_mlp_neurons_and_leaves_attention(tiny):
+    fmap = build_filter_map(tiny.model)
+    report = prune(tiny.model, fmap, PruneConfig(method="neurons", ratio=0.25, calibration_tokens=512), tiny.tokenizer)
+    for name, module in fmap.modules.items():
+        zero_rows = module.weight.eq(0).all(dim=1).sum()
+        zero_cols = module.weight.eq(0).all(dim=0).sum()
+        if name.endswith(("gate_proj", "up_proj")):
+            assert zero_rows == 32
+        elif name.endswith("down_proj"):
+            assert zero_cols == 32
+        else:
+            assert report.per_layer[name] < 0.01  # attention untouched
