@@ -4,7 +4,8 @@ from .compilation import compile_decode
 from .config import CompileConfig, ConfigError, FilterConfig, PipelineConfig, PruneConfig, QuantConfig
 from .filtering import build_filter_map
 from .models import LoadedModel, load_model
-from .pipeline import Report, load_and_optimize, optimize
+from .cache import load_and_optimize
+from .pipeline import Report, optimize
 from .pruning import GradualPruner, prune
 from .quantization import quantize, weight_bytes
 

@@ -1,4 +1,5 @@
-"""Speed and memory of pipeline variants against plain transformers bf16, in one run.
+"""Speed and memory of pipeline variants against plain transformers bf16, in one run; and
+(``--cold-boot``) how long a boot takes without and with the cold-boot cache.
 
 Each variant runs in a fresh process (peak RSS is per process) and prints one JSON line;
 the parent adds the ratio to the baseline and the memory-bandwidth roofline.
@@ -12,14 +13,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .cache import load_and_optimize
+from .compilation import WARMUP_PROMPT
 from .config import PipelineConfig
 from .evaluation import DEFAULT_EVAL_TEXT
-from .generation import GenerationStats, SamplingParams, stream
+from .generation import GenerationStats, SamplingParams, generate_text, stream
 from .pipeline import load, optimize, resolve_device
 from .quantization import weight_bytes
 
@@ -57,13 +61,18 @@ def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> fl
     return x.numel() * 4 / best
 
 
+def variant_config(model: str, variant: str, **options) -> PipelineConfig:
+    """Pipeline variants start from the deployment's settings (GEMMA_OPT_* variables), e.g. the
+    compile mode; the baseline never runs the pipeline."""
+    sections = VARIANTS[variant]
+    plain = {"quant": {"mode": "none"}, "compile": {"mode": "none"}}
+    return PipelineConfig.load(model=model, **options, **(plain if sections is None else sections))
+
+
 def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     """Set up one variant and time greedy decoding; runs in its own process."""
     sections = VARIANTS[variant]
-    plain = {"quant": {"mode": "none"}, "compile": {"mode": "none"}}
-    # Pipeline variants start from the deployment's settings (GEMMA_OPT_* variables), e.g. the
-    # compile mode; the baseline never runs the pipeline.
-    config = PipelineConfig.load(model=model, **(plain if sections is None else sections))
+    config = variant_config(model, variant)
     device = resolve_device(config.device)
     t = time.perf_counter()
     loaded = load(config)
@@ -164,6 +173,55 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
+
+
+def run_setup(model: str, variant: str, cache_dir: str) -> dict:
+    """One boot with the cold-boot cache in ``cache_dir``, as ``setup()`` does it, then a short
+    greedy answer (the same in a cold and a cached boot); runs in its own process."""
+    config = variant_config(model, variant, cache_dir=cache_dir)
+    t = time.perf_counter()
+    loaded, report = load_and_optimize(config)
+    setup = time.perf_counter() - t
+    greedy = SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False)
+    return {"variant": variant, "setup_s": setup, "stages_s": report.stage_seconds, "cache": report.cache,
+            "answer": generate_text(loaded, WARMUP_PROMPT, params=greedy)}
+
+
+def cold_boot(model: str, variants: list[str]) -> list[dict]:
+    """Per variant, a cold boot then a cached one, each a fresh process with an empty inductor
+    cache (as on a new machine): only what the cold-boot cache saved carries over."""
+    records = []
+    for name in variants:
+        with tempfile.TemporaryDirectory() as cache_dir:
+            boots = []
+            for _ in ("cold", "cached"):
+                with tempfile.TemporaryDirectory() as inductor_dir:
+                    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir}
+                    cmd = [sys.executable, "-m", "gemma_opt", "setup-one", "--model", model, "--variant", name,
+                           "--cache-dir", cache_dir]
+                    t = time.perf_counter()
+                    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+                    boots.append({**json.loads(out.strip().splitlines()[-1]), "process_s": time.perf_counter() - t})
+        cold, cached = boots
+        records.append({"variant": name, "model": model, "setup_cold_s": cold["setup_s"],
+                        "setup_cached_s": cached["setup_s"], "cached_over_cold": cached["setup_s"] / cold["setup_s"],
+                        "process_cold_s": cold["process_s"], "process_cached_s": cached["process_s"],
+                        "cold_stages_s": cold["stages_s"], "cached_stages_s": cached["stages_s"],
+                        "cached_boot": cached["cache"], "same_answer": cold["answer"] == cached["answer"]})
+        print(f"  {name}: cold {cold['setup_s']:.1f}s, cached {cached['setup_s']:.1f}s ({cached['cache']})",
+              file=sys.stderr)
+    return records
+
+
+def cold_boot_table(records: list[dict]) -> str:
+    rows = ["| variant | setup_cold_s (stages) | setup_cached_s (stages) | cached / cold | same answer |",
+            "|---|---|---|---|---|"]
+    for r in records:
+        stages = lambda d: ", ".join(f"{k} {v:.1f}" for k, v in d.items())
+        rows.append(f"| {r['variant']} | {r['setup_cold_s']:.1f} ({stages(r['cold_stages_s'])}) | "
+                    f"{r['setup_cached_s']:.1f} ({stages(r['cached_stages_s'])}) | {r['cached_over_cold']:.0%} | "
+                    f"{'yes' if r['same_answer'] else 'NO'} |")
+    return "\n".join(rows)
 
 
 def table(records: list[dict]) -> str:

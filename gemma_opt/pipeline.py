@@ -1,5 +1,7 @@
 """``optimize(loaded, config)``: filter map -> pruning -> quantization -> selective compile,
-run once, with a report of what each stage did."""
+run once, with a report of what each stage did. ``compress`` (the first three) and
+``accelerate`` (compile and warm-up) are separate so the cold-boot cache (``cache.py``)
+can save the compressed model between them."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Report:
     weight_bytes_after: int
     compiled: list[str]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    cache: str = "off"  # the cold-boot cache: 'off', 'hit' or 'miss: <reason>' (cache.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,11 +40,17 @@ class Report:
                 f"prune {self.prune.method} -> {self.prune.overall:.1%} sparsity ({s.get('prune', 0):.1f}s); "
                 f"quant {self.config['quant']['mode']}: {self.weight_bytes_before / 1e9:.3f} GB -> "
                 f"{self.weight_bytes_after / 1e9:.3f} GB ({s.get('quantize', 0):.1f}s); "
-                f"compiled: {', '.join(self.compiled) or 'nothing'} ({s.get('compile', 0):.1f}s with warm-up)")
+                f"compiled: {', '.join(self.compiled) or 'nothing'} ({s.get('compile', 0):.1f}s with warm-up); "
+                f"cold-boot cache: {self.cache}")
 
 
 def optimize(loaded: LoadedModel, config: PipelineConfig) -> Report:
     """Run every stage once on ``loaded.model`` in place."""
+    return accelerate(loaded, config, compress(loaded, config))
+
+
+def compress(loaded: LoadedModel, config: PipelineConfig) -> Report:
+    """Filter map, pruning and quantization, in place."""
     model, seconds = loaded.model, {}
     t = time.perf_counter()
     fmap = build_filter_map(model, config.filter)
@@ -54,14 +63,18 @@ def optimize(loaded: LoadedModel, config: PipelineConfig) -> Report:
     t = time.perf_counter()
     quantize(model, fmap, config.quant)
     seconds["quantize"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    compiled = compile_decode(loaded, config.compile)
-    if compiled and config.compile.warmup:
-        warm_up(loaded)
-    seconds["compile"] = time.perf_counter() - t
     return Report(loaded.name, config.model_dump(mode="json"), list(fmap.modules), prune_report, before,
-                  weight_bytes(model), compiled, seconds)
+                  weight_bytes(model), [], seconds)
+
+
+def accelerate(loaded: LoadedModel, config: PipelineConfig, report: Report) -> Report:
+    """The compiled decode step and its warm-up; recorded in ``report``."""
+    t = time.perf_counter()
+    report.compiled = compile_decode(loaded, config.compile)
+    if report.compiled and config.compile.warmup:
+        warm_up(loaded)
+    report.stage_seconds["compile"] = time.perf_counter() - t
+    return report
 
 
 def resolve_device(device: str) -> str:
@@ -77,12 +90,3 @@ def load(config: PipelineConfig) -> LoadedModel:
         if not config.fallback_model or Path(config.model).exists():
             raise
         return load_model(config.fallback_model, device, dtype)
-
-
-def load_and_optimize(config: PipelineConfig) -> tuple[LoadedModel, Report]:
-    t = time.perf_counter()
-    loaded = load(config)
-    load_s = time.perf_counter() - t
-    report = optimize(loaded, config)
-    report.stage_seconds = {"load": load_s, **report.stage_seconds}
-    return loaded, report

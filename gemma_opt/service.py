@@ -17,24 +17,31 @@ from PIL import Image
 from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, PipelineConfig
 from .generation import InputError
 from .models import LoadedModel
+from .cache import load_and_optimize
 from .pipeline import Report, load, optimize, resolve_device
 
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as decompression bombs
 
 
 class Service:
-    """Holds one dense copy of the weights on the CPU (never touched) and builds each
-    pipeline variant from it, so a variant never prunes an already-pruned model."""
+    """The deployment's optimized model, and variants built from one dense copy of the
+    weights on the CPU (never touched), so a variant never prunes an already-pruned model."""
 
     def __init__(self, config: PipelineConfig, extra_variants: int = 1):
         self.config, self.extra_variants = config, extra_variants
         self.device = resolve_device(config.device)
-        loaded = load(config.model_copy(update={"device": "cpu"}))
-        self.pristine = copy.deepcopy(loaded.model)
-        loaded.model.to(self.device)
         self.default_key = self._key(config)
         self.variants: OrderedDict[tuple, tuple[LoadedModel, Report]] = OrderedDict()
-        self.variants[self.default_key] = (loaded, optimize(loaded, config))
+        self.variants[self.default_key] = load_and_optimize(config)
+        self._pristine: torch.nn.Module | None = None
+
+    @property
+    def pristine(self) -> torch.nn.Module:
+        """The dense weights on the CPU, loaded when a request first asks for another variant
+        (a boot from the cold-boot cache never reads them otherwise)."""
+        if self._pristine is None:
+            self._pristine = load(self.config.model_copy(update={"device": "cpu"})).model
+        return self._pristine
 
     @property
     def default(self) -> tuple[LoadedModel, Report]:

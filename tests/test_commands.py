@@ -35,10 +35,12 @@ def test_eval_writes_json_records_and_a_plot(tmp_path):
 
 
 def test_bench_reports_every_key_against_the_baseline(tmp_path):
-    out = gemma_opt("bench", "--model", "tiny-random", "--variants", "int8-eager", "--prompt-tokens", "16",
-                    "--new-tokens", "8", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+    out = gemma_opt("bench", "--model", "tiny-random", "--variants", "int8-eager,sparse24-bf16-compile",
+                    "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
     records = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["variant"] for r in records] == ["hf-eager-bf16", "int8-eager"]
+    assert [r["variant"] for r in records] == ["hf-eager-bf16", "int8-eager", "sparse24-bf16-compile"]
+    failed = records.pop()  # no 2:4 kernels on a CPU: recorded with its reason, the others still measured
+    assert "need a CUDA GPU" in failed["error"] and "| sparse24-bf16-compile | failed: " in out
     for r in records:
         assert {"variant", "setup_s", "ttft_s", "decode_tokens_per_s", "weight_bytes", "peak_memory_bytes",
                 "speedup_vs_baseline", "roofline_fraction"} <= set(r)
@@ -46,3 +48,14 @@ def test_bench_reports_every_key_against_the_baseline(tmp_path):
     assert records[0]["speedup_vs_baseline"] == 1
     assert records[1]["weight_bytes"] < records[0]["weight_bytes"]
     assert "measured read bandwidth" in out
+
+
+def test_bench_cold_boot_times_a_cold_and_a_cached_boot_in_fresh_processes(tmp_path):
+    out = gemma_opt("bench", "--cold-boot", "--model", "tiny-random", "--variants", "int8-head-compile",
+                    "--json", str(tmp_path / "boot.json"))
+    (record,) = json.loads((tmp_path / "boot.json").read_text())
+    assert record["cached_boot"] == "hit" and record["same_answer"] is True
+    assert "cache_load" in record["cached_stages_s"] and "prune" not in record["cached_stages_s"]
+    assert record["cold_stages_s"].keys() >= {"load", "prune", "quantize", "save", "compile"}
+    assert record["cached_over_cold"] == record["setup_cached_s"] / record["setup_cold_s"]
+    assert "| int8-head-compile |" in out

@@ -1,0 +1,51 @@
+import torch
+
+from gemma_opt.cache import COMPILE_FILE, MANIFEST, MODEL_FILE, load_and_optimize
+from gemma_opt.config import PipelineConfig
+from gemma_opt.generation import SamplingParams, generate_text
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0, stop_at_eos=False)
+
+
+def tensors(model):
+    return {n: (t.dequantize() if hasattr(t, "dequantize") else t) for n, t in model.state_dict().items()}
+
+
+def test_a_cached_boot_is_the_same_model_and_a_corrupt_or_changed_one_is_rebuilt(tmp_path):
+    config = PipelineConfig.validated({"model": "tiny-random", "cache_dir": str(tmp_path),
+                                       "prune": {"method": "neurons", "ratio": 0.25, "compact": True,
+                                                 "calibration_tokens": 512}, "compile": {"mode": "none"}})
+    built, report = load_and_optimize(config)
+    assert report.cache == "miss: no entry"
+    (entry,) = tmp_path.iterdir()
+    assert {p.name for p in entry.iterdir()} >= {MODEL_FILE, MANIFEST}
+
+    cached, again = load_and_optimize(config)
+    assert again.cache == "hit" and again.prune == report.prune and again.weight_bytes_after == report.weight_bytes_after
+    a, b = tensors(built.model), tensors(cached.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # int8 tables, narrower MLPs included
+    assert cached.model.model.language_model.layers[0].mlp.up_proj.weight.shape[0] == 96
+    assert generate_text(cached, "Hello", params=GREEDY) == generate_text(built, "Hello", params=GREEDY)
+
+    data = bytearray((entry / MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (entry / MODEL_FILE).write_bytes(data)
+    assert load_and_optimize(config)[1].cache == f"miss: {MODEL_FILE} does not match its manifest (corrupt or changed)"
+    assert load_and_optimize(config)[1].cache == "hit"  # rebuilt
+
+    (entry / MANIFEST).unlink()  # e.g. a boot killed while saving
+    assert load_and_optimize(config)[1].cache == "miss: entry incomplete (no manifest)"
+
+    other = config.replace(prune={"ratio": 0.5})
+    assert load_and_optimize(other)[1].cache == "miss: no entry"
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_compile_artifacts_are_saved_with_the_model(tmp_path):
+    config = PipelineConfig.validated({"model": "tiny-random", "cache_dir": str(tmp_path)})
+    built, report = load_and_optimize(config)
+    (entry,) = tmp_path.iterdir()
+    assert (entry / COMPILE_FILE).stat().st_size > 0
+    cached, again = load_and_optimize(config)
+    assert again.cache == "hit" and again.compiled == ["decode step"]
+    assert generate_text(cached, "Hello", params=GREEDY) == generate_text(built, "Hello", params=GREEDY)
