@@ -9,7 +9,8 @@ compilation. After the pipeline has run once, ``<cache_dir>/<key>/`` holds:
   tensors, memory-mapped (torchao's documented way to load quantized weights);
 - ``tokenizer/``: the tokenizer (and image processor), ``save_pretrained``;
 - ``compile.bin``: PyTorch's portable compile cache (``torch.compiler.save_cache_artifacts``),
-  loaded before the warm-up so inductor finds every kernel already built;
+  loaded before the warm-up so inductor finds every graph already compiled;
+- ``inductor/``: inductor's local cache for this entry (on a CPU, the built C++ kernels);
 - ``manifest.json``, written last: what the key was made of, the report, and the size and
   SHA-256 of each file.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shutil
 import sys
 import time
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torchao.quantization import Int8Tensor
 from transformers import AutoProcessor, AutoTokenizer
 
@@ -42,6 +45,7 @@ from .pruning import PruneReport
 from .quantization import SharedInt8Embedding
 
 MODEL_FILE, TOKENIZER_DIR, COMPILE_FILE, MANIFEST = "model.pt", "tokenizer", "compile.bin", "manifest.json"
+INDUCTOR_DIR = "inductor"  # inductor's local cache; not in the manifest (inductor keys and checks its own files)
 _SOURCE = Path(__file__).parent
 
 
@@ -54,12 +58,20 @@ def cache_inputs(config: PipelineConfig, device: str) -> dict:
     source = hashlib.sha256()
     for path in sorted(p for p in _SOURCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         source.update(path.relative_to(_SOURCE).as_posix().encode() + b"\0" + path.read_bytes())
-    target = torch.cuda.get_device_name(device) + str(torch.cuda.get_device_capability(device)) \
-        if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    if device.startswith("cuda"):
+        target = f"{torch.cuda.get_device_name(device)} sm{torch.cuda.get_device_capability(device)} cuda {torch.version.cuda}"
+    else:
+        target = f"{_cpu_model()} x{torch.get_num_threads()} {torch.backends.cpu.get_cpu_capability()}"
     revision = model_revision(config.model) or model_revision(config.fallback_model or config.model)
     return {"model": revision, "pipeline": config.model_dump(mode="json", exclude={"cache_dir"}),
             "gemma_opt_source": source.hexdigest(), "device": target,
             "versions": {pkg: version(pkg) for pkg in ("torch", "torchao", "transformers")}}
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def entry_folder(config: PipelineConfig, inputs: dict) -> Path:
@@ -76,14 +88,19 @@ def load_and_optimize(config: PipelineConfig) -> tuple[LoadedModel, Report]:
     device = resolve_device(config.device)
     inputs = cache_inputs(config, device)
     folder = entry_folder(config, inputs)
-    try:
-        loaded, report = _load_entry(folder, inputs, device)
-    except CacheMiss as e:
-        print(f"cold-boot cache {folder}: {e}; building it", file=sys.stderr)
-        loaded, report = _build(config, folder, inputs)
-        report.cache = f"miss: {e}"
-        return loaded, report
-    return loaded, accelerate(loaded, config, report)
+    # Inductor's own cache lives in the entry too: the portable artifacts hold the generated
+    # code, but on a CPU its C++ kernels would be compiled again on every fresh machine.
+    # The key names the exact CPU or GPU, so these binaries only meet the hardware they
+    # were built for.
+    with temporary_cache_dir(str(folder / INDUCTOR_DIR)):
+        try:
+            loaded, report = _load_entry(folder, inputs, device)
+        except CacheMiss as e:
+            print(f"cold-boot cache {folder}: {e}; building it", file=sys.stderr)
+            loaded, report = _build(config, folder, inputs)
+            report.cache = f"miss: {e}"
+            return loaded, report
+        return loaded, accelerate(loaded, config, report)
 
 
 def _build(config: PipelineConfig, folder: Path | None, inputs: dict | None) -> tuple[LoadedModel, Report]:
@@ -134,7 +151,9 @@ def save_model(folder: Path, loaded: LoadedModel) -> None:
     buffers = {f"{prefix}.{name}".lstrip("."): module._buffers[name] for prefix, module in model.named_modules()
                for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None}
     torch.save({"class": type(model).__name__, "config": model.config, "generation_config": model.generation_config,
-                "name": loaded.name, "state": model.state_dict(), "buffers": buffers}, folder / MODEL_FILE)
+                "name": loaded.name, "state": model.state_dict(), "buffers": buffers,
+                # torchao's quantize_ tunes inductor's config, and compiled graphs are keyed on it
+                "inductor_config": torch._inductor.config.save_config_portable()}, folder / MODEL_FILE)
     (loaded.processor or loaded.tokenizer).save_pretrained(folder / TOKENIZER_DIR)
 
 
@@ -142,6 +161,7 @@ def load_model_entry(folder: Path, device: str) -> LoadedModel:
     import transformers
 
     saved = torch.load(folder / MODEL_FILE, weights_only=False, mmap=True, map_location=device)
+    torch._inductor.config.load_config(saved["inductor_config"])
     with torch.device("meta"):
         model = getattr(transformers, saved["class"])._from_config(saved["config"])
     state = saved["state"]
@@ -161,7 +181,7 @@ def load_model_entry(folder: Path, device: str) -> LoadedModel:
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise CacheMiss("the saved model does not fill the architecture")
     model.generation_config = saved["generation_config"]
-    model.eval()
+    model.eval().requires_grad_(False)  # as load_model leaves it: compiled graphs are keyed on this
     processor = AutoProcessor.from_pretrained(folder / TOKENIZER_DIR) if model.config.get_text_config() is not \
         model.config else None
     tokenizer = processor.tokenizer if processor else AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
@@ -169,7 +189,8 @@ def load_model_entry(folder: Path, device: str) -> LoadedModel:
 
 
 def _write_manifest(folder: Path, inputs: dict, report: Report) -> None:
-    files = {p.relative_to(folder).as_posix(): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {p.relative_to(folder).as_posix(): _digest(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.relative_to(folder).parts[0] != INDUCTOR_DIR}
     manifest = {"inputs": inputs, "files": files, "report": {**asdict(report), "stage_seconds": {}, "cache": "hit"}}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
