@@ -130,10 +130,14 @@ def _load_entry(folder: Path, inputs: dict, device: str) -> tuple[LoadedModel, R
     path = folder / MANIFEST
     if not path.exists():
         raise CacheMiss("no entry" if not folder.exists() else "entry incomplete (no manifest)")
-    manifest = json.loads(path.read_text())
-    if manifest["inputs"] != inputs:
+    try:
+        manifest = json.loads(path.read_text())
+        files, saved_inputs = manifest["files"], manifest["inputs"]
+    except (ValueError, KeyError) as e:
+        raise CacheMiss(f"{MANIFEST} unreadable ({type(e).__name__})") from None
+    if saved_inputs != inputs:
         raise CacheMiss("the entry was built from other inputs")
-    for name, expected in manifest["files"].items():
+    for name, expected in files.items():
         if not (folder / name).exists() or _digest(folder / name) != expected:
             raise CacheMiss(f"{name} does not match its manifest (corrupt or changed)")
     t = time.perf_counter()

@@ -33,6 +33,8 @@ def test_a_cached_boot_is_the_same_model_and_a_corrupt_or_changed_one_is_rebuilt
     assert load_and_optimize(config)[1].cache == f"miss: {MODEL_FILE} does not match its manifest (corrupt or changed)"
     assert load_and_optimize(config)[1].cache == "hit"  # rebuilt
 
+    (entry / MANIFEST).write_text('{"inputs": ')  # e.g. a disk that filled up
+    assert load_and_optimize(config)[1].cache == f"miss: {MANIFEST} unreadable (JSONDecodeError)"
     (entry / MANIFEST).unlink()  # e.g. a boot killed while saving
     assert load_and_optimize(config)[1].cache == "miss: entry incomplete (no manifest)"
 

@@ -59,3 +59,13 @@ def test_bench_cold_boot_times_a_cold_and_a_cached_boot_in_fresh_processes(tmp_p
     assert record["cold_stages_s"].keys() >= {"load", "prune", "quantize", "save", "compile"}
     assert record["cached_over_cold"] == record["setup_cached_s"] / record["setup_cold_s"]
     assert "| int8-head-compile |" in out
+
+
+def test_prebuild_writes_the_cache_entry_a_boot_then_uses(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_OPT_MODEL", "tiny-random")
+    monkeypatch.setenv("GEMMA_OPT_COMPILE_MODE", "none")
+    out = gemma_opt("prebuild", "--cache-dir", str(tmp_path))
+    assert "cold-boot cache: miss: no entry" in out
+    (entry,) = tmp_path.iterdir()
+    assert (entry / "manifest.json").exists()
+    assert "cold-boot cache: hit" in gemma_opt("prebuild", "--cache-dir", str(tmp_path))

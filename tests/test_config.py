@@ -39,8 +39,8 @@ def test_n_m_pattern_implies_its_ratio():
 
 
 def test_sparsity_choices_name_a_method_and_its_layer_ratios():
-    assert list(SPARSITY_CHOICES) == ["none", "magnitude", "wanda", "gradual", "layer_norm", "owl-magnitude",
-                                      "owl-wanda"]
+    assert list(SPARSITY_CHOICES) == ["none", "magnitude", "wanda", "gradual", "neurons", "layer_norm",
+                                      "owl-magnitude", "owl-wanda"]
     for choice, prune in SPARSITY_CHOICES.items():
         cfg = PipelineConfig.validated({"prune": {**prune, "ratio": None if choice == "none" else 0.3}})
         assert cfg.prune.choice == choice

@@ -116,7 +116,7 @@ def test_openapi_lists_every_input_with_description_and_bounds(tiny_server):
     assert (props["max_new_tokens"]["minimum"], props["max_new_tokens"]["maximum"]) == (1, 8192)
     assert (props["sparsity_ratio"]["minimum"], props["sparsity_ratio"]["maximum"]) == (0, 0.8)
     assert schema["components"]["schemas"]["sparsity_method"]["enum"] == [
-        "none", "magnitude", "wanda", "gradual", "layer_norm", "owl-magnitude", "owl-wanda"]
+        "none", "magnitude", "wanda", "gradual", "neurons", "layer_norm", "owl-magnitude", "owl-wanda"]
     output = schema["components"]["schemas"]["Output"]
     assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
 
@@ -196,3 +196,17 @@ def test_the_270m_serves_text_and_refuses_images_clearly():
         assert server.predict(prompt="Hi", max_new_tokens=2).json()["status"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_a_second_boot_loads_the_cold_boot_cache(tmp_path):
+    answers = []
+    for expected in ("cold-boot cache: miss: no entry", "cold-boot cache: hit"):
+        server = CogServer({"GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_CACHE_DIR": str(tmp_path)})
+        try:
+            health = server.wait_until_set_up()
+            assert health["status"] == "READY" and expected in health["setup"]["logs"], health["setup"]["logs"]
+            body = server.predict(prompt="Hello there", max_new_tokens=8, temperature=0).json()
+            answers.append("".join(body["output"]))
+        finally:
+            server.stop()
+    assert answers[0] == answers[1]
