@@ -148,17 +148,15 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
     bandwidth = measure_bandwidth(resolve_device(PipelineConfig.load().device))
     records: list[dict] = []
     for name in names:
-        cmd = [sys.executable, "-m", "gemma_opt", "bench-one", "--model", model, "--variant", name,
-               "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
-        run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
-        sys.stderr.write(run.stderr)
-        if run.returncode:
+        try:
+            r = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
+                          "--new-tokens", str(new_tokens), "--repeats", str(repeats))
+        except ChildFailed as e:
             if name == BASELINE:
-                raise SystemExit(f"the baseline failed: {last_line(run.stderr)}")
-            records.append({"variant": name, "model": model, "error": last_line(run.stderr)})
-            print(f"  {name}: FAILED: {records[-1]['error']}", file=sys.stderr)
+                raise SystemExit(f"the baseline failed: {e}") from None
+            records.append({"variant": name, "model": model, "error": str(e)})
+            print(f"  {name}: FAILED: {e}", file=sys.stderr)
         else:
-            r = json.loads(run.stdout.strip().splitlines()[-1])
             roofline = bandwidth / r["decode_bytes_per_token"]
             base = records[0]["decode_tokens_per_s"] if records else r["decode_tokens_per_s"]
             r.update(speedup_vs_baseline=r["decode_tokens_per_s"] / base, bandwidth_bytes_per_s=bandwidth,
@@ -170,9 +168,20 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
     return records
 
 
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
+class ChildFailed(RuntimeError):
+    """A measuring process exited with an error; the message is its last line of stderr."""
+
+
+def run_child(*args: str, env: dict | None = None) -> dict:
+    """``python -m gemma_opt <args>`` in a fresh process; its stderr passes through, its last
+    stdout line is the JSON record."""
+    run = subprocess.run([sys.executable, "-m", "gemma_opt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env or os.environ)
+    sys.stderr.write(run.stderr)
+    if run.returncode:
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        raise ChildFailed(lines[-1] if lines else f"exit status {run.returncode}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def run_setup(model: str, variant: str, cache_dir: str) -> dict:
@@ -196,12 +205,10 @@ def cold_boot(model: str, variants: list[str]) -> list[dict]:
             boots = []
             for _ in ("cold", "cached"):
                 with tempfile.TemporaryDirectory() as inductor_dir:
-                    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir}
-                    cmd = [sys.executable, "-m", "gemma_opt", "setup-one", "--model", model, "--variant", name,
-                           "--cache-dir", cache_dir]
                     t = time.perf_counter()
-                    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
-                    boots.append({**json.loads(out.strip().splitlines()[-1]), "process_s": time.perf_counter() - t})
+                    boot = run_child("setup-one", "--model", model, "--variant", name, "--cache-dir", cache_dir,
+                                     env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir})
+                    boots.append({**boot, "process_s": time.perf_counter() - t})
         cold, cached = boots
         records.append({"variant": name, "model": model, "setup_cold_s": cold["setup_s"],
                         "setup_cached_s": cached["setup_s"], "cached_over_cold": cached["setup_s"] / cold["setup_s"],
@@ -216,8 +223,8 @@ def cold_boot(model: str, variants: list[str]) -> list[dict]:
 def cold_boot_table(records: list[dict]) -> str:
     rows = ["| variant | setup_cold_s (stages) | setup_cached_s (stages) | cached / cold | same answer |",
             "|---|---|---|---|---|"]
+    stages = lambda seconds: ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
     for r in records:
-        stages = lambda d: ", ".join(f"{k} {v:.1f}" for k, v in d.items())
         rows.append(f"| {r['variant']} | {r['setup_cold_s']:.1f} ({stages(r['cold_stages_s'])}) | "
                     f"{r['setup_cached_s']:.1f} ({stages(r['cached_stages_s'])}) | {r['cached_over_cold']:.0%} | "
                     f"{'yes' if r['same_answer'] else 'NO'} |")

@@ -271,9 +271,11 @@ def owl_allocation(outlier_shares: dict[str, float], target: float, lam: float) 
 # ---------------------------------------------------------------------------- layer_norm
 def layer_norm_masks(modules: dict[str, nn.Linear], ratio: float) -> dict[str, Tensor]:
     """Structured masks from L2 norms; see the module docstring for which dimension each loses."""
-    mlps = mlp_groups(modules)
-    masks = {name: norm_mask(mod.weight, ratio, by_column=name.rpartition(".")[2] in _OUTPUT_PROJ)
-             for name, mod in modules.items() if name.rpartition(".")[0] not in mlps}
+    mlps, masks = mlp_groups(modules), {}
+    for name, mod in modules.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix not in mlps:
+            masks[name] = norm_mask(mod.weight, ratio, by_column=leaf in _OUTPUT_PROJ)
     for prefix, parts in mlps.items():
         norms2 = sum(m.weight.detach().float().pow(2).sum(dim=0 if leaf in _OUTPUT_PROJ else 1)
                      for leaf, m in parts.items())

@@ -1,5 +1,6 @@
 """Quantization with torchao's ``quantize_``, through the filter map; and 2:4 semi-structured
-sparse storage (``sparsify_``), alone in bf16 or with float8, where the GPU has the kernels."""
+sparse storage (torchao's ``SemiSparseWeightConfig``, through the same ``quantize_``), alone in
+bf16 or with float8, where the GPU has the kernels."""
 
 from __future__ import annotations
 
