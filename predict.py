@@ -19,7 +19,7 @@ class Predictor(BaseRunner):
         """Load Gemma 3 and run the whole pipeline once."""
         config = DEPLOYED.replace(model=str(weights)) if weights else DEPLOYED
         self.service = Service(config)
-        print(self.service.default[1].summary(), flush=True)  # in the setup logs before READY
+        print(self.service.default[1].summary(), flush=True)  # see README: coglet and the last setup line
 
     @cog.streaming
     def run(

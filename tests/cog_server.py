@@ -58,6 +58,10 @@ class CogServer:
             time.sleep(0.1)
         return response
 
+    def output(self) -> str:
+        """Everything the server process printed, worker lines included (JSON log records)."""
+        return Path(self.log.name).read_text()
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -203,10 +203,12 @@ def test_a_second_boot_loads_the_cold_boot_cache(tmp_path):
     for expected in ("cold-boot cache: miss: no entry", "cold-boot cache: hit"):
         server = CogServer({"GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_CACHE_DIR": str(tmp_path)})
         try:
-            health = server.wait_until_set_up()
-            assert health["status"] == "READY" and expected in health["setup"]["logs"], health["setup"]["logs"]
+            assert server.wait_until_set_up()["status"] == "READY"
             body = server.predict(prompt="Hello there", max_new_tokens=8, temperature=0).json()
             answers.append("".join(body["output"]))
+            # The process log, not /health-check's setup logs: coglet 0.23.1 can ship the last
+            # line printed before setup() returns after READY, and then files it as a user log.
+            assert expected in server.output(), server.output()
         finally:
             server.stop()
     assert answers[0] == answers[1]
