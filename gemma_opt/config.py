@@ -131,6 +131,8 @@ class CompileConfig(_Section):
     vision: bool = Field(False, description="also compile the vision tower's encoder layers")
     cache_len: int = Field(2048, ge=64, le=1 << 17, description="static KV cache positions for the compiled decode "
                            "step; a request needing more (prompt + max_new_tokens) decodes eagerly")
+    kv_bucket: int = Field(256, ge=16, description="the decode step reads the cache's first positions in "
+                           "multiples of this, not all cache_len (CUDA-graph modes read all: one static shape)")
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
 
 

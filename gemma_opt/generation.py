@@ -84,9 +84,9 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     stats.input_tokens = prompt_len
     cache = loaded.decode_cache
     if cache is not None and prompt_len + params.max_new_tokens <= cache.max_cache_len:
-        forward = model.get_compiled_call(model.generation_config.compile_config)
+        forward, decode_masks = model.get_compiled_call(model.generation_config.compile_config), cache.decode_masks
     else:
-        cache, forward = DynamicCache(config=model.config), model.__call__
+        cache, forward, decode_masks = DynamicCache(config=model.config), model.__call__, lambda position: None
     pick = _sampler(params)
     eos = set(loaded.eos_token_ids) if params.stop_at_eos else set()
     text = _TextDecoder(loaded.tokenizer)
@@ -111,7 +111,7 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
                 if step + 1 < params.max_new_tokens:
                     position = positions[-1:] + step + 1
                     logits = forward(input_ids=token.view(1, 1), past_key_values=cache, cache_position=position,
-                                     use_cache=True).logits[:, -1]
+                                     attention_mask=decode_masks(prompt_len + step), use_cache=True).logits[:, -1]
             if rest := text.flush():
                 yield rest
         finally:

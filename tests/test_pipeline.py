@@ -106,13 +106,15 @@ def test_a_request_longer_than_the_static_cache_decodes_eagerly(tiny):
     assert text and compile_counters().get("unique_graphs") == graphs
 
 
-def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window():
+def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets():
     tiny = load_model("tiny-random", dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
     prompt = "Count the apples on the table, one by one. " * 5  # 50+ tokens; window 64, 40 more generated
     greedy = SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=False)
     eager = generate_text(tiny, prompt, params=greedy)  # transformers' dynamic cache, sliding layers keep 64
     before = compile_counters().get("unique_graphs", 0)
-    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "quant": {"mode": "none"}}))
+    # kv_bucket 32: the decode masks grow from 64 to 96 to 128 positions on the way
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "quant": {"mode": "none"},
+                                             "compile": {"kv_bucket": 32}}))
     assert compile_counters().get("unique_graphs", 0) - before == 1  # first step, second step, any length
     assert generate_text(tiny, prompt, params=greedy) == eager
     assert compile_counters().get("unique_graphs", 0) - before == 1
