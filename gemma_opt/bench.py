@@ -34,6 +34,9 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
     "int8-eager": {"quant": {"head": False}, "compile": {"mode": "none"}},
     "int8-compile": {"quant": {"head": False}},
     "int8-head-compile": {"quant": {"head": True}},  # the default pipeline
+    # inductor's max-autotune (with CUDA graphs): on a GPU its Triton GEMM templates can fuse
+    # the int8 -> bf16 cast into the matmul, which plain compile leaves as a separate kernel
+    "int8-head-autotune": {"quant": {"head": True}, "compile": {"mode": "max-autotune"}},
     # MLP neurons pruned (``neurons``, short calibration: speed does not depend on which ones),
     # kept as zeros or compacted away; both then go through the default pipeline
     **{f"mlp{round(100 * ratio)}-{kind}": {"prune": {"method": "neurons", "ratio": ratio, "calibration_tokens": 511,

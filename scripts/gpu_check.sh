@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU speed check of the gemma-3-4b-it architecture (random weights), one `bench` run: plain
-# transformers bf16 generate() against the default pipeline (INT8 weight-only, head too, compiled
-# decode step with CUDA graphs), bf16 + compile, 2:4 on the semi-structured sparse kernels (bf16,
-# then float8 where the GPU is sm90), float8 + compile, INT8 without the head. The JSON in $OUT
+# transformers bf16 generate() against the default pipeline under max-autotune (can the int8 ->
+# bf16 cast fuse into Triton's GEMM?) and as deployed (INT8 weight-only, head too, compiled decode
+# step with CUDA graphs), bf16 + compile, INT8 without the head, float8 + compile, 2:4 on the
+# semi-structured sparse kernels (bf16, then float8 where the GPU is sm90). The JSON in $OUT
 # (or ./out) is rewritten after every variant, and a variant that fails is recorded with its
 # error, so a cut-short run still reports. Under 8 minutes on an H100/H200/L40S.
 #
@@ -44,7 +45,7 @@ python3 -c "import torch, torchao, transformers; print(torch.__version__, torcha
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
-variants=${VARIANTS:-int8-head-compile,bf16-compile,sparse24-bf16-compile,fp8-compile,sparse24-fp8-compile,int8-compile}
+variants=${VARIANTS:-int8-head-autotune,int8-head-compile,bf16-compile,int8-compile,fp8-compile,sparse24-bf16-compile,sparse24-fp8-compile}
 timeout ${BENCH_TIMEOUT:-430} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
     --new-tokens 128 --repeats 2 --variants "$variants" --json "$out/bench_4b_gpu.json" > "$out/bench_4b_gpu.log" 2>&1 \
     || echo "bench exited with $?" | tee -a "$out/bench_4b_gpu.log"

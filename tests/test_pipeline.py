@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
 from torchao.quantization import Int8Tensor
+from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
-from gemma_opt.compilation import compile_counters
+from gemma_opt.compilation import compile_counters, grouped_attention
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.generation import SamplingParams, generate_text
@@ -104,6 +107,23 @@ def test_a_request_longer_than_the_static_cache_decodes_eagerly(tiny):
     graphs = compile_counters().get("unique_graphs")
     text = generate_text(tiny, "Tell me everything. " * 10, params=SamplingParams(max_new_tokens=60, temperature=0))
     assert text and compile_counters().get("unique_graphs") == graphs
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])  # the 270M's one KV head, the 4B's four
+def test_grouped_attention_equals_transformers_eager_attention(kv_heads):
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=8 // kv_heads, training=False)
+    query, key, value = torch.randn(1, 8, 3, 16), torch.randn(1, kv_heads, 40, 16), torch.randn(1, kv_heads, 40, 16)
+    blocked = torch.finfo(torch.float32).min
+    mask = torch.where(torch.rand(1, 1, 3, 40) < 0.7, 0.0, blocked)
+    expected = eager_attention_forward(module, query, key, value, mask, scaling=0.25, softcap=50.0)[0]
+    torch.testing.assert_close(grouped_attention(module, query, key, value, mask, scaling=0.25, softcap=50.0)[0],
+                               expected)
+    # a decode mask over the first 24 positions: as if the other 16 were masked out
+    mask[..., 24:] = blocked
+    expected = eager_attention_forward(module, query, key, value, mask, scaling=0.25)[0]
+    torch.testing.assert_close(grouped_attention(module, query, key, value, mask[..., :24], scaling=0.25)[0],
+                               expected)
 
 
 def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets():
