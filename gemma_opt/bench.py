@@ -72,6 +72,12 @@ def variant_config(model: str, variant: str, **options) -> PipelineConfig:
     return PipelineConfig.load(model=model, **options, **(plain if sections is None else sections))
 
 
+def prompt_inputs(loaded, prompt_tokens: int) -> dict:
+    """The first ``prompt_tokens`` tokens of the evaluation text, as model inputs."""
+    ids = loaded.tokenizer(DEFAULT_EVAL_TEXT.read_text(), return_tensors="pt").input_ids[:, :prompt_tokens]
+    return {"input_ids": ids.to(loaded.model.device), "attention_mask": torch.ones_like(ids).to(loaded.model.device)}
+
+
 def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     """Set up one variant and time greedy decoding; runs in its own process."""
     sections = VARIANTS[variant]
@@ -84,8 +90,7 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
         report = optimize(loaded, config)
         setup.update(prune=report.stage_seconds["prune"], quantize=report.stage_seconds["quantize"],
                      compile=report.stage_seconds["compile"])
-    ids = loaded.tokenizer(DEFAULT_EVAL_TEXT.read_text(), return_tensors="pt").input_ids[:, :prompt_tokens]
-    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    inputs = prompt_inputs(loaded, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
     runs = []
     for _ in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
@@ -102,7 +107,7 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
             "setup_stages_s": setup, "ttft_s": statistics.median(r.ttft_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
             "weight_bytes": weight_bytes(loaded.model), "decode_bytes_per_token": decode_bytes(loaded.model),
-            "peak_memory_bytes": peak, "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
+            "peak_memory_bytes": peak, "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens,
             "threads": torch.get_num_threads()}
 
 
@@ -130,6 +135,45 @@ def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationS
                               do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer)
     stats.input_tokens = inputs["input_ids"].shape[1]
     stats.record(start, streamer.times)
+
+
+def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:
+    """Where the decode steps' time goes for one variant (torch.profiler from the first
+    generated token on, so the eager prefill is left out), per step; and the rate at which
+    the INT8 GEMV kernel reads the weights, against the measured bandwidth."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = variant_config(model, variant)
+    device = resolve_device(config.device)
+    loaded = load(config)
+    if VARIANTS[variant] is not None:
+        optimize(loaded, config)
+    inputs = prompt_inputs(loaded, prompt_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
+    for _ in stream(loaded, inputs, params):  # caches and allocators warm
+        pass
+    stats = GenerationStats()
+    tokens = stream(loaded, inputs, params, stats)
+    next(tokens)  # prefill and the first token
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as prof:
+        for _ in tokens:
+            pass
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    steps = sum(e.count for e in events if e.key.startswith("Torch-Compiled Region")) or new_tokens - 1
+    lines = [f"{variant} on {model}: {stats.decode_tokens_per_s:.2f} tokens/s under the profiler, "
+             f"{steps} decode steps profiled; self CPU time per step:"]
+    lines += [f"  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms  {e.count / steps:6.1f} calls  {e.key}"
+              for e in events[:top]]
+    gemv = next((e for e in events if e.key == "aten::_weight_int8pack_mm"), None)
+    if gemv is not None:
+        seconds = gemv.self_cpu_time_total / 1e6 / steps
+        bandwidth = measure_bandwidth(device)
+        rate = decode_bytes(loaded.model) / seconds
+        lines.append(f"INT8 GEMV (aten::_weight_int8pack_mm): {seconds * 1e3:.1f} ms a step "
+                     f"({seconds * stats.decode_tokens_per_s:.0%} of it), reading the weights at {rate / 1e9:.1f} GB/s; "
+                     f"measured bandwidth {bandwidth / 1e9:.1f} GB/s: a step of nothing but these calls "
+                     f"would reach {rate / bandwidth:.0%} of the roofline")
+    return "\n".join(lines)
 
 
 def decode_bytes(model: torch.nn.Module) -> int:

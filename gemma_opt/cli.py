@@ -121,6 +121,12 @@ def bench_one(args) -> None:
     print(json.dumps(run_variant(args.model, args.variant, args.prompt_tokens, args.new_tokens, args.repeats)))
 
 
+def profile(args) -> None:
+    from .bench import profile_decode
+
+    print(profile_decode(args.model, args.variant, args.prompt_tokens, args.new_tokens))
+
+
 def setup_one(args) -> None:
     import json
 
@@ -192,6 +198,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             p.add_argument("--variant", required=True)
         p.set_defaults(func=func)
+
+    p = commands.add_parser("profile", help="where one variant's decode step spends its time (torch.profiler)")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--variant", default="int8-head-compile")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=33)
+    p.set_defaults(func=profile)
 
     p = commands.add_parser("setup-one", help=argparse.SUPPRESS)
     p.add_argument("--model", required=True)

@@ -50,6 +50,14 @@ def test_bench_reports_every_key_against_the_baseline(tmp_path):
     assert "measured read bandwidth" in out
 
 
+def test_profile_attributes_each_decode_step_and_rates_the_int8_gemv():
+    out = gemma_opt("profile", "--model", "tiny-random", "--prompt-tokens", "16", "--new-tokens", "9")
+    assert "int8-head-compile on tiny-random:" in out and "8 decode steps profiled" in out
+    gemv = next(line for line in out.splitlines() if line.strip().endswith("aten::_weight_int8pack_mm"))
+    assert float(gemv.split()[2]) == 4 * 7 + 1  # calls a step: seven linears in each of 4 layers, and the head
+    assert "INT8 GEMV (aten::_weight_int8pack_mm):" in out and "of the roofline" in out
+
+
 def test_bench_cold_boot_times_a_cold_and_a_cached_boot_in_fresh_processes(tmp_path):
     out = gemma_opt("bench", "--cold-boot", "--model", "tiny-random", "--variants", "int8-head-compile",
                     "--json", str(tmp_path / "boot.json"))
