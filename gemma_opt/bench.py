@@ -139,8 +139,9 @@ def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationS
 
 def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:
     """Where the decode steps' time goes for one variant (torch.profiler from the first
-    generated token on, so the eager prefill is left out), per step; and the rate at which
-    the INT8 GEMV kernel reads the weights, against the measured bandwidth."""
+    generated token on, so the eager prefill is left out), per step, as self time on the
+    device that runs the kernels; and on a CPU the rate at which the INT8 GEMV kernel reads
+    the weights, against the measured bandwidth."""
     from torch.profiler import ProfilerActivity, profile
 
     config = variant_config(model, variant)
@@ -158,12 +159,14 @@ def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as prof:
         for _ in tokens:
             pass
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    def self_us(e):
+        return e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=lambda e: -self_us(e))
     steps = sum(e.count for e in events if e.key.startswith("Torch-Compiled Region")) or new_tokens - 1
     lines = [f"{variant} on {model}: {stats.decode_tokens_per_s:.2f} tokens/s under the profiler, "
-             f"{steps} decode steps profiled; self CPU time per step:"]
-    lines += [f"  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms  {e.count / steps:6.1f} calls  {e.key}"
-              for e in events[:top]]
+             f"{steps} decode steps profiled; self {'GPU' if device == 'cuda' else 'CPU'} time per step:"]
+    lines += [f"  {self_us(e) / 1e3 / steps:8.2f} ms  {e.count / steps:6.1f} calls  {e.key}" for e in events[:top]]
     gemv = next((e for e in events if e.key == "aten::_weight_int8pack_mm"), None)
     if gemv is not None:
         seconds = gemv.self_cpu_time_total / 1e6 / steps

@@ -42,6 +42,16 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$
 python3 -c "import torch, torchao, transformers; print(torch.__version__, torchao.__version__, transformers.__version__)" \
     | tee -a "$out/gpu.txt"
 
+# Optional, first: which kernels one variant's decode step runs and for how long (GPU time
+# per step; plain compile, so the kernels are not hidden inside CUDA graphs), e.g.
+# PROFILE_VARIANT=int8-head-compile. Its time comes out of the bench's.
+if [[ -n "${PROFILE_VARIANT:-}" ]]; then
+    GEMMA_OPT_COMPILE_MODE=default timeout ${PROFILE_TIMEOUT:-240} python3 -m gemma_opt profile \
+        --model ${MODEL:-gemma-3-4b-arch} --variant "$PROFILE_VARIANT" > "$out/profile.log" 2>&1 \
+        || echo "profile exited with $?" | tee -a "$out/profile.log"
+    grep -v "Warning\|warn\|^W[0-9]" "$out/profile.log" | tail -20
+fi
+
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
