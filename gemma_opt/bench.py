@@ -159,6 +159,7 @@ def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as prof:
         for _ in tokens:
             pass
+
     def self_us(e):
         return e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
 
