@@ -24,6 +24,7 @@ from .compilation import WARMUP_PROMPT
 from .config import PipelineConfig
 from .evaluation import DEFAULT_EVAL_TEXT
 from .generation import GenerationStats, SamplingParams, generate_text, stream
+from .models import LoadedModel
 from .pipeline import load, optimize, resolve_device
 from .quantization import weight_bytes
 
@@ -78,24 +79,29 @@ def prompt_inputs(loaded, prompt_tokens: int) -> dict:
     return {"input_ids": ids.to(loaded.model.device), "attention_mask": torch.ones_like(ids).to(loaded.model.device)}
 
 
-def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """Set up one variant and time greedy decoding; runs in its own process."""
-    sections = VARIANTS[variant]
+def set_up_variant(model: str, variant: str) -> tuple[LoadedModel, str, dict[str, float]]:
+    """Load the model and run the variant's pipeline (none for the baseline); returns the
+    model, its device and the seconds of each setup stage."""
     config = variant_config(model, variant)
-    device = resolve_device(config.device)
     t = time.perf_counter()
     loaded = load(config)
     setup = {"load": time.perf_counter() - t}
-    if sections is not None:
+    if VARIANTS[variant] is not None:
         report = optimize(loaded, config)
         setup.update(prune=report.stage_seconds["prune"], quantize=report.stage_seconds["quantize"],
                      compile=report.stage_seconds["compile"])
+    return loaded, resolve_device(config.device), setup
+
+
+def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Set up one variant and time greedy decoding; runs in its own process."""
+    loaded, device, setup = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
     runs = []
     for _ in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
         stats = GenerationStats()
-        if sections is None:
+        if VARIANTS[variant] is None:
             hf_generate(loaded, inputs, params, stats)
         else:
             for _ in stream(loaded, inputs, params, stats):
@@ -144,11 +150,7 @@ def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int
     the weights, against the measured bandwidth."""
     from torch.profiler import ProfilerActivity, profile
 
-    config = variant_config(model, variant)
-    device = resolve_device(config.device)
-    loaded = load(config)
-    if VARIANTS[variant] is not None:
-        optimize(loaded, config)
+    loaded, device, _ = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
     for _ in stream(loaded, inputs, params):  # caches and allocators warm

@@ -35,6 +35,7 @@ from .generation import SamplingParams, generate_text
 from .models import LoadedModel
 
 ATTENTION = "gemma_opt_grouped"
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 WARMUP_PROMPT = "Describe the weather on a quiet autumn morning, in a few words."
 
 
@@ -110,9 +111,8 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     hf_config = HFCompileConfig(fullgraph=True, dynamic=None, backend=config.backend, mode=config.mode)
     hf_config._compile_all_devices = True  # transformers only auto-compiles on accelerators unless told
     model.generation_config.compile_config = hf_config
-    cuda_graphs = config.mode in ("reduce-overhead", "max-autotune")
-    loaded.decode_cache = DecodeCache(model.config, config.cache_len, None if cuda_graphs else config.kv_bucket,
-                                      model.dtype, model.device)
+    kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
+    loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"]
     if config.vision:
         vision = {n: b for n, b in repeated_blocks(model, vision=True).items() if VISION_TOWER in n}
