@@ -35,6 +35,8 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
     "int8-eager": {"quant": {"head": False}, "compile": {"mode": "none"}},
     "int8-compile": {"quant": {"head": False}},
     "int8-head-compile": {"quant": {"head": True}},  # the default pipeline
+    # the default pipeline with ATen's INT8 GEMV (what inductor picks) instead of ours (int8_gemv.py)
+    "int8-head-compile-aten": {"quant": {"head": True}, "compile": {"int8_gemv": False}},
     # inductor's max-autotune (with CUDA graphs): on a GPU its Triton GEMM templates can fuse
     # the int8 -> bf16 cast into the matmul, which plain compile leaves as a separate kernel
     "int8-head-autotune": {"quant": {"head": True}, "compile": {"mode": "max-autotune"}},
@@ -50,6 +52,9 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
     "sparse24-fp8-compile": {"prune": {"method": "magnitude", "pattern": "2:4"},
                              "quant": {"mode": "float8_dynamic", "semi_structured": True}},
 }
+
+
+GEMV_KERNELS = ("gemma_opt::int8_gemv", "aten::_weight_int8pack_mm")  # ours (int8_gemv.py), ATen's
 
 
 def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
@@ -170,12 +175,12 @@ def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int
     lines = [f"{variant} on {model}: {stats.decode_tokens_per_s:.2f} tokens/s under the profiler, "
              f"{steps} decode steps profiled; self {'GPU' if device == 'cuda' else 'CPU'} time per step:"]
     lines += [f"  {self_us(e) / 1e3 / steps:8.2f} ms  {e.count / steps:6.1f} calls  {e.key}" for e in events[:top]]
-    gemv = next((e for e in events if e.key == "aten::_weight_int8pack_mm"), None)
+    gemv = next((e for e in events if e.key in GEMV_KERNELS), None)
     if gemv is not None:
         seconds = gemv.self_cpu_time_total / 1e6 / steps
         bandwidth = measure_bandwidth(device)
         rate = decode_bytes(loaded.model) / seconds
-        lines.append(f"INT8 GEMV (aten::_weight_int8pack_mm): {seconds * 1e3:.1f} ms a step "
+        lines.append(f"INT8 GEMV ({gemv.key}): {seconds * 1e3:.1f} ms a step "
                      f"({seconds * stats.decode_tokens_per_s:.0%} of it), reading the weights at {rate / 1e9:.1f} GB/s; "
                      f"measured bandwidth {bandwidth / 1e9:.1f} GB/s: a step of nothing but these calls "
                      f"would reach {rate / bandwidth:.0%} of the roofline")

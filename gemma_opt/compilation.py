@@ -32,6 +32,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from .config import CompileConfig
 from .filtering import VISION_TOWER, repeated_blocks
 from .generation import SamplingParams, generate_text
+from .int8_gemv import supported as int8_gemv_supported
+from .int8_gemv import use_int8_gemv
 from .models import LoadedModel
 
 ATTENTION = "gemma_opt_grouped"
@@ -114,6 +116,8 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"]
+    if config.int8_gemv and int8_gemv_supported(model.device):
+        compiled.append(f"INT8 GEMV kernel ({use_int8_gemv(model)} linears)")
     if config.vision:
         vision = {n: b for n, b in repeated_blocks(model, vision=True).items() if VISION_TOWER in n}
         for block in vision.values():

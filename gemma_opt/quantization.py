@@ -105,23 +105,20 @@ def check_supported(label: str, make_config, example: nn.Linear, two_four: bool 
                           f"{weight.device.type} with {weight.dtype}: {type(e).__name__}: {e}") from e
 
 
-def storage_bytes(t: Tensor) -> int:
-    """Bytes a tensor really holds: torchao tensor subclasses are summed over their inner tensors."""
+def plain_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors holding a tensor's data: torchao subclasses are their inner tensors."""
     if hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(storage_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
-    return t.numel() * t.element_size()
+        return [p for n in names if getattr(t, n) is not None for p in plain_tensors(getattr(t, n))]
+    return [t]
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, tied tensors counted once."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = id(t) if hasattr(t, "__tensor_flatten__") else (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            total += storage_bytes(t)
-    return total
+    """Bytes of all parameters and buffers, each storage counted once (tied tensors, and
+    buffers that share a quantized weight's inner tensors)."""
+    held = {(p.untyped_storage().data_ptr(), p.storage_offset()): p.numel() * p.element_size()
+            for t in [*model.parameters(), *model.buffers()] for p in plain_tensors(t)}
+    return sum(held.values())
 
 
 def expected_int8_bytes(model: nn.Module, fmap: FilterMap, head: bool = True) -> int:

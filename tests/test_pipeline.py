@@ -10,10 +10,13 @@ from gemma_opt.compilation import compile_counters, grouped_attention
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.generation import SamplingParams, generate_text
+from gemma_opt.int8_gemv import supported as int8_gemv_supported
 from gemma_opt.models import load_model
 from gemma_opt.pipeline import optimize
 from gemma_opt.pruning import prune
 from gemma_opt.quantization import expected_int8_bytes, quantize, weight_bytes
+
+NEEDS_AVX512 = pytest.mark.skipif(not int8_gemv_supported("cpu"), reason="the INT8 GEMV kernel needs AVX-512")
 
 
 def test_default_filter_map_is_the_decoder_linears(tiny):
@@ -90,16 +93,37 @@ def test_int8_head_is_one_shared_table_and_keeps_the_logits(tiny):
     assert (logits - dense_logits).abs().max() < 0.05 * dense_logits.abs().max()
 
 
-def test_compiled_int8_decode_uses_the_fused_int8_kernel(tiny):
+@pytest.mark.parametrize("int8_gemv", [pytest.param(True, marks=NEEDS_AVX512), False])
+def test_compiled_int8_decode_runs_one_fused_int8_kernel_per_linear(tiny, int8_gemv):
     from torch._dynamo.utils import counters
+    from torch.profiler import profile
 
     torch._dynamo.reset()  # compile from scratch: graphs of earlier tests may be reused otherwise
     before = counters["inductor"]["woq_matcher_count"]
+    config = {"model": "tiny-random", "quant": {"head": True}, "compile": {"int8_gemv": int8_gemv}}
     # inductor's caches would skip the lowering for graphs earlier tests already compiled
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "quant": {"head": True}}))
-    # inductor rewrote torchao's int8 weight-only linears into aten._weight_int8pack_mm: 7 per layer + head
-    assert counters["inductor"]["woq_matcher_count"] - before >= 4 * 7 + 1
+        report = optimize(tiny, PipelineConfig.validated(config))
+    with profile() as prof:
+        generate_text(tiny, "Hello", params=SamplingParams(max_new_tokens=5, temperature=0, stop_at_eos=False))
+    calls = {e.key: e.count for e in prof.key_averages()}
+    linears = 4 * 7 + 1  # seven in each of 4 layers, and the head
+    if int8_gemv:  # ours in the four decode steps after the prefill's token, and the prefill's head (one row)
+        assert f"INT8 GEMV kernel ({linears} linears)" in report.compiled
+        assert calls["gemma_opt::int8_gemv"] == 4 * linears + 1 and "aten::_weight_int8pack_mm" not in calls
+    else:  # inductor rewrote torchao's int8 weight-only linears into ATen's kernel
+        assert counters["inductor"]["woq_matcher_count"] - before >= linears
+        assert calls["aten::_weight_int8pack_mm"] == 4 * linears and "gemma_opt::int8_gemv" not in calls
+
+
+@NEEDS_AVX512
+def test_the_int8_gemv_kernel_decodes_as_torchao_int8_does_eagerly():
+    tiny = load_model("tiny-random", dtype=torch.float32)  # fp32: no bf16 rounding differences
+    quantize(tiny.model, build_filter_map(tiny.model), QuantConfig(head=True))
+    greedy = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    eager = generate_text(tiny, "Name three rivers of Europe.", params=greedy)
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "quant": {"mode": "none"}}))
+    assert generate_text(tiny, "Name three rivers of Europe.", params=greedy) == eager
 
 
 def test_a_request_longer_than_the_static_cache_decodes_eagerly(tiny):

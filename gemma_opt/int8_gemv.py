@@ -1,0 +1,95 @@
+"""The CPU decode step's INT8 linears on our own GEMV kernel (AVX-512, ``int8_gemv.cpp``).
+
+Decoding one token multiplies one vector by every weight matrix, so a step costs the time
+to read the weights. On CPU, torchao's INT8 weight-only linear reaches ATen's
+``_weight_int8pack_mm`` once compiled, and that kernel read the 4B architecture's weights
+at 23 GB/s (89% of a decode step, ``python -m gemma_opt profile``) on a machine where a
+plain sum reads 30+. Ours reads four rows at a time and prefetches each 32 KB ahead into
+L2; it reads as fast as the sum (``scripts/int8_gemv_bench.py``). It computes in fp32 and
+rounds once, where ATen's path rounds the product to bf16 before scaling it.
+
+``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` for ``Int8GemvLinear``: the same
+torchao weight (and parameter names), with a decoded token (one row) sent to the kernel and
+longer inputs (prefill, images) to torchao as before. The kernel is compiled on first use
+with the C++ compiler inductor already needs (about 30 s, then cached by torch in
+``TORCH_EXTENSIONS_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchao.quantization import Int8Tensor
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+
+
+def supported(device: torch.device | str) -> bool:
+    """The kernel runs on CPUs with AVX-512 (elsewhere ATen's kernels stay)."""
+    return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@cache
+def load_kernel() -> None:
+    """Build (first time) and load the kernel, registering ``torch.ops.gemma_opt.int8_gemv``."""
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # the pinned `ninja` wheel puts its binary beside the package
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ['PATH']}"
+    load(name="gemma_opt_int8_gemv", sources=[str(SOURCE)], is_python_module=False,
+         extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"],
+         extra_ldflags=["-fopenmp"])
+
+    @torch.library.register_fake("gemma_opt::int8_gemv")
+    def _(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def int8_gemv(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """``x @ (weight * scale)ᵀ`` for int8 ``weight`` [out, in] and one scale per row."""
+    load_kernel()
+    return torch.ops.gemma_opt.int8_gemv(x, weight, scale)
+
+
+class Int8GemvLinear(nn.Module):
+    """An INT8 weight-only linear whose one-row inputs run on ``int8_gemv``.
+
+    ``weight`` stays torchao's ``Int8Tensor`` (the state dict and the tied LM head are
+    unchanged); ``qdata`` and ``scale`` are its inner tensors, shared, as plain buffers for
+    the compiled step.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("qdata", linear.weight.qdata, persistent=False)
+        self.register_buffer("scale", linear.weight.scale.reshape(-1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() != x.shape[-1]:  # more than one token: torchao's path
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.gemma_opt.int8_gemv(x, self.qdata, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def use_int8_gemv(model: nn.Module) -> int:
+    """Swap every per-row INT8 weight-only ``nn.Linear`` for ``Int8GemvLinear``; returns how many."""
+    load_kernel()
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        if (type(module) is nn.Linear and isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None
+                and weight.act_pre_scale is None and weight.block_size[-1] == weight.qdata.shape[-1]):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, Int8GemvLinear(module))
+            swapped += 1
+    return swapped

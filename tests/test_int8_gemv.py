@@ -1,0 +1,52 @@
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
+
+from gemma_opt.int8_gemv import Int8GemvLinear, int8_gemv, load_kernel, supported, use_int8_gemv
+from gemma_opt.quantization import weight_bytes
+
+pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the INT8 GEMV kernel needs a CPU with AVX-512")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, cols", [(37, 100), (64, 4304), (1027, 2560)])  # row and column tails; a real shape
+def test_int8_gemv_equals_the_dequantized_matmul_rounded_once(dtype, rows, cols):
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    scale = torch.rand(rows, 1) / 64
+    for x in (torch.randn(1, 1, cols, dtype=dtype), torch.randn(3, cols, dtype=dtype)):  # a decoded token; 3 rows
+        expected = x.double() @ (weight.double() * scale.double()).T
+        out = int8_gemv(x, weight, scale)
+        assert out.shape == expected.shape and out.dtype == dtype
+        torch.testing.assert_close(out, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-4)
+
+
+def test_int8_gemv_checks_its_inputs_and_has_a_fake_for_the_compiler():
+    weight, scale = torch.randint(-127, 128, (8, 32), dtype=torch.int8), torch.rand(8)
+    with pytest.raises(RuntimeError, match="x has 16 features, weight has 32"):
+        int8_gemv(torch.randn(1, 16), weight, scale)
+    with pytest.raises(RuntimeError, match="one scale per weight row"):
+        int8_gemv(torch.randn(1, 32), weight, scale[:4])
+    load_kernel()
+    torch.library.opcheck(torch.ops.gemma_opt.int8_gemv.default, (torch.randn(1, 1, 32), weight, scale),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_use_int8_gemv_swaps_int8_linears_and_keeps_their_weights_and_prefill_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, dtype=torch.bfloat16), nn.Linear(96, 32, bias=False, dtype=torch.bfloat16))
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn == "0")  # the second stays bf16
+    first, state, size = model[0], model.state_dict(), weight_bytes(model)
+    prompt, token = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        prefill, decoded = model(prompt), first(token)
+
+        assert use_int8_gemv(model) == 1
+        assert isinstance(model[0], Int8GemvLinear) and type(model[1]) is nn.Linear
+        assert isinstance(model[0].weight, Int8Tensor) and model[0].weight is first.weight
+        assert model.state_dict().keys() == state.keys() and weight_bytes(model) == size  # buffers share the weight
+        assert torch.equal(model(prompt), prefill)  # several rows: torchao's own path
+        exact = token.double() @ first.weight.dequantize().double().T + first.bias.double()
+        out = model[0](token)
+    assert (out.double() - exact).abs().max() <= (decoded.double() - exact).abs().max()  # rounded once, not twice
