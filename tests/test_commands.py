@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 
 ROOT = Path(__file__).resolve().parent.parent
