@@ -28,6 +28,8 @@ def test_int8_gemv_checks_its_inputs_and_has_a_fake_for_the_compiler():
         int8_gemv(torch.randn(1, 16), weight, scale)
     with pytest.raises(RuntimeError, match="one scale per weight row"):
         int8_gemv(torch.randn(1, 32), weight, scale[:4])
+    with pytest.raises(RuntimeError, match="x must be bfloat16, float16 or float32"):
+        int8_gemv(torch.randn(1, 32, dtype=torch.float64), weight, scale)
     load_kernel()
     torch.library.opcheck(torch.ops.gemma_opt.int8_gemv.default, (torch.randn(1, 1, 32), weight, scale),
                           test_utils=("test_schema", "test_faketensor"))
