@@ -108,9 +108,11 @@ def benchmark(args) -> None:
 
     records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save)
     print(table(records))
-    r = records[0]
-    print(f"\nmeasured read bandwidth: {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s on {r['device']}, "
-          f"{r['threads']} threads; roofline = bandwidth / weight bytes read per decoded token")
+    measured = [r for r in records if "error" not in r]
+    low, high = (f(r["bandwidth_bytes_per_s"] for r in measured) / 1e9 for f in (min, max))
+    print(f"\nmeasured read bandwidth: {low:.1f}-{high:.1f} GB/s on {measured[0]['device']}, "
+          f"{measured[0]['threads']} threads (each variant's best, probed right after each of its timed runs); "
+          f"roofline = that variant's bandwidth / weight bytes read per decoded token")
 
 
 def bench_one(args) -> None:
