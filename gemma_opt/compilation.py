@@ -116,8 +116,8 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"]
-    if config.int8_gemv and int8_gemv_supported(model.device):
-        compiled.append(f"INT8 GEMV kernel ({use_int8_gemv(model)} linears)")
+    if config.int8_gemv and int8_gemv_supported(model.device) and (swapped := use_int8_gemv(model)):
+        compiled.append(f"INT8 GEMV kernel ({swapped} linears)")
     if config.vision:
         vision = {n: b for n, b in repeated_blocks(model, vision=True).items() if VISION_TOWER in n}
         for block in vision.values():

@@ -82,14 +82,18 @@ class Int8GemvLinear(nn.Module):
 
 
 def use_int8_gemv(model: nn.Module) -> int:
-    """Swap every per-row INT8 weight-only ``nn.Linear`` for ``Int8GemvLinear``; returns how many."""
-    load_kernel()
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        weight = getattr(module, "weight", None)
-        if (type(module) is nn.Linear and isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None
-                and weight.act_pre_scale is None and weight.block_size[-1] == weight.qdata.shape[-1]):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, Int8GemvLinear(module))
-            swapped += 1
-    return swapped
+    """Swap every per-row INT8 weight-only ``nn.Linear`` for ``Int8GemvLinear``; returns how
+    many (the kernel is built only when there is one)."""
+    linears = [name for name, module in model.named_modules() if _per_row_int8_linear(module)]
+    if linears:
+        load_kernel()
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, Int8GemvLinear(model.get_submodule(name)))
+    return len(linears)
+
+
+def _per_row_int8_linear(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module) is nn.Linear and isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None
+            and weight.act_pre_scale is None and weight.block_size[-1] == weight.qdata.shape[-1])

@@ -44,6 +44,7 @@ def test_use_int8_gemv_swaps_int8_linears_and_keeps_their_weights_and_prefill_pa
     with torch.no_grad():
         prefill, decoded = model(prompt), first(token)
 
+        assert use_int8_gemv(nn.Sequential(nn.Linear(64, 64))) == 0  # nothing in INT8: nothing to swap
         assert use_int8_gemv(model) == 1
         assert isinstance(model[0], Int8GemvLinear) and type(model[1]) is nn.Linear
         assert isinstance(model[0].weight, Int8Tensor) and model[0].weight is first.weight
