@@ -24,10 +24,10 @@ from .compilation import WARMUP_PROMPT
 from .config import PipelineConfig
 from .evaluation import DEFAULT_EVAL_TEXT
 from .generation import GenerationStats, SamplingParams, generate_text, stream
-from .models import LoadedModel
-from .pipeline import load, optimize, resolve_device
 from .int8_gemv import int8_gemv
 from .int8_gemv import supported as int8_gemv_supported
+from .models import LoadedModel
+from .pipeline import load, optimize, resolve_device
 from .quantization import weight_bytes
 
 BASELINE = "hf-eager-bf16"
@@ -66,8 +66,9 @@ def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> fl
     x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     reads = [lambda: x.sum().item()]
     if int8_gemv_supported(device):
-        rows, vector, scale = x.view(torch.int8).view(-1, 4096), torch.ones(1, 4096, dtype=torch.bfloat16), x[:1]
-        reads.append(lambda: int8_gemv(vector, rows, scale.expand(rows.shape[0])))
+        rows = x.view(torch.int8).view(-1, 4096)
+        vector, scale = torch.ones(1, 4096, dtype=torch.bfloat16, device=device), torch.ones(rows.shape[0], device=device)
+        reads.append(lambda: int8_gemv(vector, rows, scale))
     best = float("inf")
     for _ in range(repeats):
         for read in reads:
@@ -131,8 +132,8 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
             "setup_stages_s": setup, "ttft_s": statistics.median(r.ttft_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
             "weight_bytes": weight_bytes(loaded.model), "decode_bytes_per_token": decode_bytes(loaded.model),
-            "peak_memory_bytes": peak, "bandwidth_bytes_per_s": max(bandwidths), "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens,
-            "threads": torch.get_num_threads()}
+            "peak_memory_bytes": peak, "bandwidth_bytes_per_s": max(bandwidths),
+            "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads()}
 
 
 class _TokenTimes(BaseStreamer):
@@ -229,7 +230,8 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
         else:
             roofline = r["bandwidth_bytes_per_s"] / r["decode_bytes_per_token"]
             base = records[0]["decode_tokens_per_s"] if records else r["decode_tokens_per_s"]
-            r.update(speedup_vs_baseline=r["decode_tokens_per_s"] / base, roofline_tokens_per_s=roofline, roofline_fraction=r["decode_tokens_per_s"] / roofline)
+            r.update(speedup_vs_baseline=r["decode_tokens_per_s"] / base, roofline_tokens_per_s=roofline,
+                     roofline_fraction=r["decode_tokens_per_s"] / roofline)
             records.append(r)
             print(f"  {name}: {r['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr)
         if on_record:

@@ -5,10 +5,10 @@ to read the weights. On CPU, torchao's INT8 weight-only linear reaches ATen's
 ``_weight_int8pack_mm`` once compiled, and that kernel read the 4B architecture's weights
 at 23 GB/s (89% of a decode step, ``python -m gemma_opt profile``) on a machine where a
 plain sum reads 30+. Ours reads four rows at a time and prefetches each 32 KB ahead into
-L2; it reads as fast as the sum (``scripts/int8_gemv_bench.py``). It computes in fp32 and
+L2; it reads at 79-100% of the sum's rate (``scripts/int8_gemv_bench.py``). It computes in fp32 and
 rounds once, where ATen's path rounds the product to bf16 before scaling it.
 
-``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` for ``Int8GemvLinear``: the same
+``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` on such a CPU for ``Int8GemvLinear``: the same
 torchao weight (and parameter names), with a decoded token (one row) sent to the kernel and
 longer inputs (prefill, images) to torchao as before. The kernel is compiled on first use
 with the C++ compiler inductor already needs (about 30 s, then cached by torch in
@@ -82,8 +82,8 @@ class Int8GemvLinear(nn.Module):
 
 
 def use_int8_gemv(model: nn.Module) -> int:
-    """Swap every per-row INT8 weight-only ``nn.Linear`` for ``Int8GemvLinear``; returns how
-    many (the kernel is built only when there is one)."""
+    """Swap every per-row INT8 weight-only ``nn.Linear`` whose device the kernel supports for
+    ``Int8GemvLinear``; returns how many (the kernel is built only when there is one)."""
     linears = [name for name, module in model.named_modules() if _per_row_int8_linear(module)]
     if linears:
         load_kernel()
@@ -95,5 +95,6 @@ def use_int8_gemv(model: nn.Module) -> int:
 
 def _per_row_int8_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None
-            and weight.act_pre_scale is None and weight.block_size[-1] == weight.qdata.shape[-1])
+    return (type(module) is nn.Linear and isinstance(weight, Int8Tensor) and supported(weight.device)
+            and weight.act_quant_kwargs is None and weight.act_pre_scale is None
+            and weight.block_size[-1] == weight.qdata.shape[-1])
