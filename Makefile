@@ -19,8 +19,10 @@ install: $(VENV)/.installed
 serve: $(VENV)/.installed  ## the Cog HTTP server on $(HOST):$(PORT)
 	GEMMA_OPT_FALLBACK_MODEL=$(FALLBACK_MODEL) $(VENV)/bin/python -m gemma_opt serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed  ## the whole suite, slow tests included (~15 min on 2 cores)
+# The second pass runs the CUDA kernel's tests in Triton's CPU interpreter (switched on before Triton is imported).
+test: $(VENV)/.installed  ## the whole suite, slow tests included (~20 min on 2 cores)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -56,13 +56,14 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
 }
 
 
-GEMV_KERNELS = ("gemma_opt::int8_gemv", "aten::_weight_int8pack_mm")  # ours (int8_gemv.py), ATen's
+# ours (int8_gemv.py: the CPU op, the CUDA Triton kernel), ATen's CPU one
+GEMV_KERNELS = ("gemma_opt::int8_gemv", "int8_gemv_kernel", "aten::_weight_int8pack_mm")
 
 
 def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second for reading a large buffer, best of ``repeats``: a sum over it, and on
-    a CPU where it runs, our INT8 GEMV over the same bytes (it reads faster than torch's sum
-    at times on this VM, and a roofline must not sit below what a kernel reaches)."""
+    """Bytes per second for reading a large buffer, best of ``repeats``: a sum over it, and
+    where it runs, our INT8 GEMV over the same bytes (it reads faster than torch's sum at
+    times on this CPU VM, and a roofline must not sit below what a kernel reaches)."""
     x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     reads = [lambda: x.sum().item()]
     if int8_gemv_supported(device):
@@ -76,6 +77,8 @@ def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> fl
                 torch.cuda.synchronize()
             t = time.perf_counter()
             read()
+            if device == "cuda":
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
 
@@ -165,8 +168,8 @@ def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationS
 def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:
     """Where the decode steps' time goes for one variant (torch.profiler from the first
     generated token on, so the eager prefill is left out), per step, as self time on the
-    device that runs the kernels; and on a CPU the rate at which the INT8 GEMV kernel reads
-    the weights, against the measured bandwidth."""
+    device that runs the kernels; and the rate at which the INT8 GEMV kernel reads the
+    weights, against the measured bandwidth."""
     from torch.profiler import ProfilerActivity, profile
 
     loaded, device, _ = set_up_variant(model, variant)
@@ -191,7 +194,7 @@ def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int
     lines += [f"  {self_us(e) / 1e3 / steps:8.2f} ms  {e.count / steps:6.1f} calls  {e.key}" for e in events[:top]]
     gemv = next((e for e in events if e.key in GEMV_KERNELS), None)
     if gemv is not None:
-        seconds = gemv.self_cpu_time_total / 1e6 / steps
+        seconds = self_us(gemv) / 1e6 / steps
         bandwidth = measure_bandwidth(device)
         rate = decode_bytes(loaded.model) / seconds
         lines.append(f"INT8 GEMV ({gemv.key}): {seconds * 1e3:.1f} ms a step "

@@ -134,8 +134,8 @@ class CompileConfig(_Section):
     kv_bucket: int = Field(256, ge=16, description="the decode step reads the cache's first positions in "
                            "multiples of this, not all cache_len (CUDA-graph modes read all: one static shape)")
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
-    int8_gemv: bool = Field(True, description="on a CPU with AVX-512, the decode step's INT8 linears run on "
-                            "gemma_opt's GEMV kernel (int8_gemv.py) instead of ATen's")
+    int8_gemv: bool = Field(True, description="the decode step's INT8 linears run on gemma_opt's GEMV kernels "
+                            "(int8_gemv.py; CPUs with AVX-512, CUDA GPUs with Triton) instead of torchao's path")
 
 
 class PipelineConfig(_Section):

@@ -1,4 +1,5 @@
-"""The CPU decode step's INT8 linears on our own GEMV kernel (AVX-512, ``int8_gemv.cpp``).
+"""The decode step's INT8 linears on our own GEMV kernels: AVX-512 C++ on CPU
+(``int8_gemv.cpp``), Triton on CUDA (``int8_gemv_cuda.py``).
 
 Decoding one token multiplies one vector by every weight matrix, so a step costs the time
 to read the weights. On CPU, torchao's INT8 weight-only linear reaches ATen's
@@ -6,17 +7,19 @@ to read the weights. On CPU, torchao's INT8 weight-only linear reaches ATen's
 at 23 GB/s (89% of a decode step, ``python -m gemma_opt profile``) on a machine where a
 plain sum reads 30+. Ours reads four rows at a time and prefetches each 32 KB ahead into
 L2; it reads at 79-100% of the sum's rate (``scripts/int8_gemv_bench.py``). It computes in fp32 and
-rounds once, where ATen's path rounds the product to bf16 before scaling it.
+rounds once, where ATen's path rounds the product to bf16 before scaling it. The CUDA
+kernel does the same on a GPU (not yet measured on one; see its module).
 
-``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` on such a CPU for ``Int8GemvLinear``: the same
-torchao weight (and parameter names), with a decoded token (one row) sent to the kernel and
-longer inputs (prefill, images) to torchao as before. The kernel is compiled on first use
-with the C++ compiler inductor already needs (about 30 s, then cached by torch in
-``TORCH_EXTENSIONS_DIR``).
+``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` on a supported device for ``Int8GemvLinear``:
+the same torchao weight (and parameter names), with a decoded token (one row) sent to the
+kernel and longer inputs (prefill, images) to torchao as before. The CPU kernel is compiled
+on first use with the C++ compiler inductor already needs (about 30 s, then cached by torch
+in ``TORCH_EXTENSIONS_DIR``); the CUDA one by Triton, which comes with CUDA builds of torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from functools import cache
@@ -31,13 +34,21 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 
 
 def supported(device: torch.device | str) -> bool:
-    """The kernel runs on CPUs with AVX-512 (elsewhere ATen's kernels stay)."""
-    return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    """Our kernels run on CPUs with AVX-512 and on CUDA GPUs with Triton (elsewhere torchao's path stays)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return kind == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 @cache
-def load_kernel() -> None:
-    """Build (first time) and load the kernel, registering ``torch.ops.gemma_opt.int8_gemv``."""
+def kernel(device_type: str):
+    """The GEMV op for a device type, built (first time) and registered: ``gemma_opt::int8_gemv``
+    (CPU) or ``gemma_opt::int8_gemv_cuda``."""
+    if device_type == "cuda":
+        from . import int8_gemv_cuda  # noqa: F401 - registers the op
+
+        return torch.ops.gemma_opt.int8_gemv_cuda
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # the pinned `ninja` wheel puts its binary beside the package
@@ -52,11 +63,12 @@ def load_kernel() -> None:
     def _(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    return torch.ops.gemma_opt.int8_gemv
+
 
 def int8_gemv(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """``x @ (weight * scale)ᵀ`` for int8 ``weight`` [out, in] and one scale per row."""
-    load_kernel()
-    return torch.ops.gemma_opt.int8_gemv(x, weight, scale)
+    return kernel(x.device.type)(x, weight, scale)
 
 
 class Int8GemvLinear(nn.Module):
@@ -69,6 +81,7 @@ class Int8GemvLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.gemv = kernel(linear.weight.device.type)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.register_buffer("qdata", linear.weight.qdata, persistent=False)
@@ -77,16 +90,14 @@ class Int8GemvLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() != x.shape[-1]:  # more than one token: torchao's path
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.gemma_opt.int8_gemv(x, self.qdata, self.scale)
+        y = self.gemv(x, self.qdata, self.scale)
         return y if self.bias is None else y + self.bias
 
 
 def use_int8_gemv(model: nn.Module) -> int:
     """Swap every per-row INT8 weight-only ``nn.Linear`` whose device the kernel supports for
-    ``Int8GemvLinear``; returns how many (the kernel is built only when there is one)."""
+    ``Int8GemvLinear``; returns how many (a kernel is built only when there is one)."""
     linears = [name for name, module in model.named_modules() if _per_row_int8_linear(module)]
-    if linears:
-        load_kernel()
     for name in linears:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, Int8GemvLinear(model.get_submodule(name)))

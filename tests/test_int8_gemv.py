@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 
-from gemma_opt.int8_gemv import Int8GemvLinear, int8_gemv, load_kernel, supported, use_int8_gemv
+from gemma_opt.int8_gemv import Int8GemvLinear, int8_gemv, kernel, supported, use_int8_gemv
 from gemma_opt.quantization import weight_bytes
 
 pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the INT8 GEMV kernel needs a CPU with AVX-512")
@@ -30,8 +30,7 @@ def test_int8_gemv_checks_its_inputs_and_has_a_fake_for_the_compiler():
         int8_gemv(torch.randn(1, 32), weight, scale[:4])
     with pytest.raises(RuntimeError, match="x must be bfloat16, float16 or float32"):
         int8_gemv(torch.randn(1, 32, dtype=torch.float64), weight, scale)
-    load_kernel()
-    torch.library.opcheck(torch.ops.gemma_opt.int8_gemv.default, (torch.randn(1, 1, 32), weight, scale),
+    torch.library.opcheck(kernel("cpu").default, (torch.randn(1, 1, 32), weight, scale),
                           test_utils=("test_schema", "test_faketensor"))
 
 

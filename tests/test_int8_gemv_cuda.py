@@ -1,0 +1,78 @@
+"""The CUDA INT8 GEMV (Triton): on a GPU for real; without one, through Triton's CPU interpreter,
+which must be switched on before Triton is imported: `make test` runs this file a second
+time with TRITON_INTERPRET=1 (in its first pass these tests are skipped)."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+triton = pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; `make test` installs it")
+
+from gemma_opt.int8_gemv_cuda import CONFIGS, int8_gemv_kernel, launch  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
+                                reason="needs a CUDA GPU or TRITON_INTERPRET=1 (`make test` runs both passes)")
+ON_GPU = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+
+def exact(x, weight, scale):
+    return x.double() @ (weight.double() * scale.double()[:, None]).T
+
+
+def random_inputs(rows, cols, dtype, x_shape):
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device=DEVICE)
+    return torch.randn(*x_shape, cols, dtype=dtype, device=DEVICE), weight, torch.rand(rows, device=DEVICE) / 64
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}w{c.num_warps}")
+@pytest.mark.parametrize("rows, cols, x_shape", [(37, 100, (3,)), (64, 4304, (1, 1))])  # row and column tails
+def test_every_tiling_equals_the_dequantized_matmul(config, rows, cols, x_shape):
+    x, weight, scale = random_inputs(rows, cols, torch.bfloat16, x_shape)
+    out = launch(int8_gemv_kernel, x, weight, scale, **config.kwargs, num_warps=config.num_warps)
+    assert out.shape == (*x_shape, rows) and out.dtype == torch.bfloat16
+    # the interpreter truncates to bf16 where the GPU rounds to nearest: one bf16 step of slack
+    torch.testing.assert_close(out, exact(x, weight, scale).to(torch.bfloat16), rtol=8e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_activation_dtypes(dtype):
+    x, weight, scale = random_inputs(1027, 2560, dtype, (1,))
+    out = launch(int8_gemv_kernel, x, weight, scale, **CONFIGS[0].kwargs)
+    torch.testing.assert_close(out, exact(x, weight, scale).to(dtype), rtol=1e-5 if dtype == torch.float32 else 2e-3,
+                               atol=1e-4)
+
+
+def test_inputs_are_checked_as_on_the_cpu():
+    x, weight, scale = random_inputs(8, 32, torch.bfloat16, (1,))
+    config = CONFIGS[0].kwargs
+    with pytest.raises(RuntimeError, match="x has 16 features, weight has 32"):
+        launch(int8_gemv_kernel, x[:, :16], weight, scale, **config)
+    with pytest.raises(RuntimeError, match="one scale per weight row"):
+        launch(int8_gemv_kernel, x, weight, scale[:4], **config)
+    with pytest.raises(RuntimeError, match="x must be bfloat16, float16 or float32"):
+        launch(int8_gemv_kernel, x.double(), weight, scale, **config)
+
+
+@ON_GPU
+def test_the_autotuned_op_compiles_into_the_decode_step_and_matches_torchao():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from gemma_opt.int8_gemv import Int8GemvLinear, use_int8_gemv
+
+    x, weight, scale = random_inputs(1024, 2560, torch.bfloat16, (1, 1))
+    torch.library.opcheck(torch.ops.gemma_opt.int8_gemv_cuda.default, (x, weight, scale))
+    model = nn.Sequential(nn.Linear(2560, 2048, bias=False, dtype=torch.bfloat16, device=DEVICE))
+    quantize_(model, Int8WeightOnlyConfig())
+    with torch.no_grad():
+        expected = x.double() @ model[0].weight.dequantize().double().T
+        torchao_out = model(x)
+        assert use_int8_gemv(model) == 1 and isinstance(model[0], Int8GemvLinear)
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        outs = [compiled(x).clone() for _ in range(3)]  # warm-up, record, replay of the CUDA graph
+    for out in outs:  # rounded once: at least as close to the exact product as torchao's
+        assert (out.double() - expected).abs().max() <= (torchao_out.double() - expected).abs().max()
