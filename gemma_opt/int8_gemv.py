@@ -19,6 +19,7 @@ in ``TORCH_EXTENSIONS_DIR``); the CUDA one by Triton, which comes with CUDA buil
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -46,8 +47,7 @@ def kernel(device_type: str):
     """The GEMV op for a device type, built (first time) and registered: ``gemma_opt::int8_gemv``
     (CPU) or ``gemma_opt::int8_gemv_cuda``."""
     if device_type == "cuda":
-        from . import int8_gemv_cuda  # noqa: F401 - registers the op
-
+        importlib.import_module(".int8_gemv_cuda", __package__)  # registers the op (imports Triton)
         return torch.ops.gemma_opt.int8_gemv_cuda
     from torch.utils.cpp_extension import load
 

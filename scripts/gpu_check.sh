@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# GPU speed check of the gemma-3-4b-it architecture (random weights), one `bench` run: plain
-# transformers bf16 generate() against the default pipeline under max-autotune (can the int8 ->
-# bf16 cast fuse into Triton's GEMM?) and as deployed (INT8 weight-only, head too, compiled decode
-# step with CUDA graphs), bf16 + compile, INT8 without the head, float8 + compile, 2:4 on the
-# semi-structured sparse kernels (bf16, then float8 where the GPU is sm90). The JSON in $OUT
-# (or ./out) is rewritten after every variant, and a variant that fails is recorded with its
-# error, so a cut-short run still reports. Under 8 minutes on an H100/H200/L40S.
+# GPU check of the INT8 decode path on the gemma-3-4b-it architecture (random weights), under
+# 8 minutes on an H100/H200/L40S, each step under its own time limit:
+#   1. the CUDA INT8 GEMV kernel's tests (tests/test_int8_gemv_cuda.py), on the GPU for real;
+#   2. the kernels alone on the 4B shapes (scripts/int8_gemv_bench.py --device cuda): ours,
+#      torchao's compiled path, a plain sum and bf16 cuBLAS, in GB/s;
+#   3. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
+#      weight-only, head too, our GEMV kernel, compiled decode step with CUDA graphs) and
+#      bf16 + compile (VARIANTS= picks others, e.g. int8-head-compile-aten: torchao's path).
+# The bench JSON in $OUT (or ./out) is rewritten after every variant, and a variant that fails
+# is recorded with its error, so a cut-short run still reports.
 #
 #   bash scripts/gpu_check.sh prepare   # here, with pip access: wheels + tokenizer into .gpu/
 #   bash scripts/gpu_check.sh           # there, on a bare CUDA machine with torch installed
@@ -42,7 +45,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$
 python3 -c "import torch, torchao, transformers; print(torch.__version__, torchao.__version__, transformers.__version__)" \
     | tee -a "$out/gpu.txt"
 
-# Optional, first: which kernels one variant's decode step runs and for how long (GPU time
+timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py > "$out/tests.log" 2>&1 \
+    || echo "tests exited with $?" | tee -a "$out/tests.log"
+tail -5 "$out/tests.log"
+timeout ${KERNEL_TIMEOUT:-150} python3 scripts/int8_gemv_bench.py --device cuda > "$out/int8_gemv_bench.log" 2>&1 \
+    || echo "kernel bench exited with $?" | tee -a "$out/int8_gemv_bench.log"
+grep -v "Warning\|warn\|^W[0-9]" "$out/int8_gemv_bench.log" | tail -9
+
+# Optional: which kernels one variant's decode step runs and for how long (GPU time
 # per step; plain compile, so the kernels are not hidden inside CUDA graphs), e.g.
 # PROFILE_VARIANT=int8-head-compile. Its time comes out of the bench's.
 if [[ -n "${PROFILE_VARIANT:-}" ]]; then
@@ -55,8 +65,8 @@ fi
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
-variants=${VARIANTS:-int8-head-autotune,int8-head-compile,bf16-compile,int8-compile,fp8-compile,sparse24-bf16-compile,sparse24-fp8-compile}
-timeout ${BENCH_TIMEOUT:-430} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
+variants=${VARIANTS:-int8-head-compile,bf16-compile}
+timeout ${BENCH_TIMEOUT:-230} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
     --new-tokens 128 --repeats 2 --variants "$variants" --json "$out/bench_4b_gpu.json" > "$out/bench_4b_gpu.log" 2>&1 \
     || echo "bench exited with $?" | tee -a "$out/bench_4b_gpu.log"
 grep -v "Warning\|warn\|^W[0-9]" "$out/bench_4b_gpu.log" | tail -30

@@ -1,13 +1,17 @@
-"""Read rate of the CPU INT8 GEMV kernels on the 4B architecture's matrix shapes.
+"""Read rate of the INT8 GEMV kernels on the 4B architecture's matrix shapes, CPU or CUDA.
 
-For each shape, enough distinct weight matrices to fill ~600 MB (so none sits in the cache,
-as in a real decode step), and the best of five passes over them, interleaved, for:
-ATen's ``_weight_int8pack_mm`` (what torchao's INT8 linear reaches once compiled), ours
-(``gemma_opt.int8_gemv``), and a plain ``sum`` over the same bytes (the read rate to aim at).
+For each shape, enough distinct weight matrices to fill ~600 MB (so none sits in a cache,
+as in a real decode step), and the best of five passes over them, interleaved, for: ours
+(``gemma_opt.int8_gemv``), what torchao's INT8 linear reaches once compiled (on CPU ATen's
+``_weight_int8pack_mm``; on CUDA inductor's code for torchao's ``mm(x, w.to(bf16)) * s``
+with torchao's inductor settings), and a plain ``sum`` over the same bytes (the read rate to
+aim at); on CUDA also bf16 weights through cuBLAS, at their own (twice the) bytes.
 
-    .venv/bin/python scripts/int8_gemv_bench.py
+    .venv/bin/python scripts/int8_gemv_bench.py            # ~1 minute on 2 cores
+    python3 scripts/int8_gemv_bench.py --device cuda       # in scripts/gpu_check.sh
 """
 
+import argparse
 import time
 
 import torch
@@ -18,27 +22,64 @@ SHAPES = {"q_proj": (2048, 2560), "k/v_proj": (1024, 2560), "o_proj": (2560, 204
           "down_proj": (2560, 10240), "lm_head": (262144, 2560)}
 
 
+def torchao_compiled(device: str, x, scale):
+    """torchao's INT8 weight-only linear as it runs in the compiled decode step."""
+    if device == "cpu":
+        return lambda w: torch._weight_int8pack_mm(x, w, scale)
+    from torchao.quantization.utils import recommended_inductor_config_setter
+
+    recommended_inductor_config_setter()  # what quantize_ sets: coordinate descent tuning, fused one-row mm
+    return torch.compile(lambda w: torch.mm(x, w.t().to(x.dtype)) * scale, dynamic=False)
+
+
+def one_pass(device: str, run, weights):
+    """One call per matrix; on CUDA recorded as a CUDA graph, so that the GPU time is measured
+    and not Python's launch time (a K/V projection reads 2.6 MB: about a microsecond)."""
+    if device == "cpu":
+        return lambda: [run(w) for w in weights]
+    run(weights[0])  # autotuning and compilation happen outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            run(w)
+
+    def replay():
+        torch.cuda.synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+    return replay
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    device = parser.parse_args().device
     torch.manual_seed(0)
-    print(f"{'matrix':>13} {'out x in':>13}   GB/s: {'aten':>5} {'ours':>5} {'sum':>5}   ours/aten")
+    names = ["torchao", "ours", "sum"] + (["bf16"] if device == "cuda" else [])
+    print(f"{'matrix':>13} {'out x in':>13}   GB/s: " + " ".join(f"{n:>7}" for n in names) + "   ours/torchao")
     for name, (rows, cols) in SHAPES.items():
-        weights = [torch.randint(-127, 128, (rows, cols), dtype=torch.int8) for _ in range(max(1, 600_000_000 // (rows * cols)))]
-        scale = torch.rand(rows, dtype=torch.bfloat16) / 64
-        x = torch.randn(1, cols, dtype=torch.bfloat16)
-        torch.testing.assert_close(int8_gemv(x, weights[0], scale), torch._weight_int8pack_mm(x, weights[0], scale),
-                                   rtol=0.02, atol=0.02 * scale.max().item() * cols ** 0.5)
-        kernels = {"aten": lambda w: torch._weight_int8pack_mm(x, w, scale), "ours": lambda w: int8_gemv(x, w, scale),
+        count = max(1, 600_000_000 // (rows * cols))
+        weights = [torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device=device) for _ in range(count)]
+        scale = torch.rand(rows, dtype=torch.bfloat16, device=device) / 64
+        x = torch.randn(1, cols, dtype=torch.bfloat16, device=device)
+        kernels = {"torchao": torchao_compiled(device, x, scale), "ours": lambda w: int8_gemv(x, w, scale),
                    "sum": lambda w: w.view(torch.float32).sum()}
+        torch.testing.assert_close(kernels["ours"](weights[0]), kernels["torchao"](weights[0]),
+                                   rtol=0.02, atol=0.02 * scale.max().item() * cols ** 0.5)
+        inputs = dict.fromkeys(kernels, weights)
+        if device == "cuda":
+            inputs["bf16"] = [torch.randn(rows, cols, dtype=torch.bfloat16, device=device) for _ in range(count)]
+            kernels["bf16"] = lambda w: x @ w.t()
+        passes = {kernel: one_pass(device, run, inputs[kernel]) for kernel, run in kernels.items()}
         best = dict.fromkeys(kernels, float("inf"))
         for _ in range(5):
-            for kernel, run in kernels.items():
+            for kernel, run_pass in passes.items():
                 start = time.perf_counter()
-                for w in weights:
-                    run(w)
-                best[kernel] = min(best[kernel], (time.perf_counter() - start) / len(weights))
-        rate = {kernel: rows * cols / seconds / 1e9 for kernel, seconds in best.items()}
-        print(f"{name:>13} {f'{rows}x{cols}':>13}         {rate['aten']:5.1f} {rate['ours']:5.1f} {rate['sum']:5.1f}"
-              f"   {rate['ours'] / rate['aten']:.2f}x")
+                run_pass()
+                best[kernel] = min(best[kernel], (time.perf_counter() - start) / count)
+        rate = {k: inputs[k][0].nbytes / seconds / 1e9 for k, seconds in best.items()}
+        print(f"{name:>13} {f'{rows}x{cols}':>13}         " + " ".join(f"{rate[n]:7.1f}" for n in names)
+              + f"   {rate['ours'] / rate['torchao']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The CUDA INT8 GEMV (Triton): on a GPU for real; without one, through Triton's CPU interpreter,
-which must be switched on before Triton is imported: `make test` runs this file a second
-time with TRITON_INTERPRET=1 (in its first pass these tests are skipped)."""
+"""The CUDA INT8 GEMV (Triton): on a GPU for real; without one, the kernel runs in Triton's CPU
+interpreter, which must be switched on before Triton is imported: `make test` runs this file a
+second time with TRITON_INTERPRET=1. The op's tracing test runs in the first pass (under the
+interpreter, `wrap_triton` asks for a GPU driver)."""
 
 import os
 
@@ -14,8 +15,8 @@ from gemma_opt.int8_gemv_cuda import CONFIGS, int8_gemv_kernel, launch  # noqa: 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
-                                reason="needs a CUDA GPU or TRITON_INTERPRET=1 (`make test` runs both passes)")
+RUNS_KERNELS = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
+                                  reason="needs a CUDA GPU or TRITON_INTERPRET=1 (`make test`'s second pass)")
 ON_GPU = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
 
@@ -29,6 +30,7 @@ def random_inputs(rows, cols, dtype, x_shape):
     return torch.randn(*x_shape, cols, dtype=dtype, device=DEVICE), weight, torch.rand(rows, device=DEVICE) / 64
 
 
+@RUNS_KERNELS
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}w{c.num_warps}")
 @pytest.mark.parametrize("rows, cols, x_shape", [(37, 100, (3,)), (64, 4304, (1, 1))])  # row and column tails
 def test_every_tiling_equals_the_dequantized_matmul(config, rows, cols, x_shape):
@@ -39,6 +41,7 @@ def test_every_tiling_equals_the_dequantized_matmul(config, rows, cols, x_shape)
     torch.testing.assert_close(out, exact(x, weight, scale).to(torch.bfloat16), rtol=8e-3, atol=1e-4)
 
 
+@RUNS_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_activation_dtypes(dtype):
     x, weight, scale = random_inputs(1027, 2560, dtype, (1,))
@@ -47,6 +50,7 @@ def test_other_activation_dtypes(dtype):
                                atol=1e-4)
 
 
+@RUNS_KERNELS
 def test_inputs_are_checked_as_on_the_cpu():
     x, weight, scale = random_inputs(8, 32, torch.bfloat16, (1,))
     config = CONFIGS[0].kwargs
@@ -56,6 +60,18 @@ def test_inputs_are_checked_as_on_the_cpu():
         launch(int8_gemv_kernel, x, weight, scale[:4], **config)
     with pytest.raises(RuntimeError, match="x must be bfloat16, float16 or float32"):
         launch(int8_gemv_kernel, x.double(), weight, scale, **config)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="under the interpreter, wrap_triton asks for a GPU driver")
+def test_the_op_traces_into_a_graph_with_fake_tensors_as_torch_compile_needs():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, weight, scale = random_inputs(64, 256, torch.bfloat16, (1, 1))
+    graph = make_fx(lambda x, w, s: torch.ops.gemma_opt.int8_gemv_cuda(x, w, s) * 2, tracing_mode="fake")(x, weight, scale)
+    calls = [node for node in graph.graph.nodes if node.target is torch.ops.gemma_opt.int8_gemv_cuda.default]
+    assert len(calls) == 1 and calls[0].meta["val"].shape == (1, 1, 64) and calls[0].meta["val"].dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="x has 128 features, weight has 256"):
+        make_fx(torch.ops.gemma_opt.int8_gemv_cuda, tracing_mode="fake")(x[..., :128], weight, scale)
 
 
 @ON_GPU
