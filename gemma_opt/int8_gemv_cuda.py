@@ -2,13 +2,13 @@
 
 On a GPU, torchao's INT8 weight-only linear is ``mm(x, w.to(bf16)) * s``; on the one
 H200 measured (README, "On a GPU") the compiled 4B decode step ran at 14% of the
-bandwidth roofline, slower than bf16 (47%), as if each weight were cast to bf16 in memory
-before the matmul. This kernel reads each int8 weight once, converts it in registers,
-accumulates in fp32 and rounds once. A decoded token is one row, so the work is a
-matrix-vector product: many programs of a few weight rows each keep enough loads in
-flight to saturate the memory bus, even for the 1024-row K/V projections. Which tiling
-is fastest differs by GPU and matrix shape, so Triton times the candidates below once
-per shape on first use (``triton.autotune``; a few seconds, in the warm-up generation).
+bandwidth roofline, slower than bf16 (47%); why was not profiled. This kernel reads each
+int8 weight once, converts it in registers, accumulates in fp32 and rounds once. A
+decoded token is one row, so the work is a matrix-vector product, split into many
+programs of a few weight rows each so that enough loads are in flight to fill the memory
+bus even for the 1024-row K/V projections. Which tiling is fastest differs by GPU and matrix shape, so
+Triton times the candidates below once per shape on first use (``triton.autotune``; a few
+seconds, in the warm-up generation).
 
 ``triton_op`` lets ``torch.compile`` see the Triton kernel, so inductor launches it from
 its own code and CUDA graphs record it. Not yet run on a GPU: the tests check every

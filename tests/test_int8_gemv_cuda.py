@@ -81,7 +81,8 @@ def test_the_autotuned_op_compiles_into_the_decode_step_and_matches_torchao():
     from gemma_opt.int8_gemv import Int8GemvLinear, use_int8_gemv
 
     x, weight, scale = random_inputs(1024, 2560, torch.bfloat16, (1, 1))
-    torch.library.opcheck(torch.ops.gemma_opt.int8_gemv_cuda.default, (x, weight, scale))
+    torch.library.opcheck(torch.ops.gemma_opt.int8_gemv_cuda.default, (x, weight, scale),
+                          test_utils=("test_schema", "test_faketensor"))
     model = nn.Sequential(nn.Linear(2560, 2048, bias=False, dtype=torch.bfloat16, device=DEVICE))
     quantize_(model, Int8WeightOnlyConfig())
     with torch.no_grad():
