@@ -66,7 +66,7 @@ fi
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
 variants=${VARIANTS:-int8-head-compile,bf16-compile}
-timeout ${BENCH_TIMEOUT:-230} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
+timeout ${BENCH_TIMEOUT:-220} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
     --new-tokens 128 --repeats 2 --variants "$variants" --json "$out/bench_4b_gpu.json" > "$out/bench_4b_gpu.log" 2>&1 \
     || echo "bench exited with $?" | tee -a "$out/bench_4b_gpu.log"
 grep -v "Warning\|warn\|^W[0-9]" "$out/bench_4b_gpu.log" | tail -30
