@@ -3,7 +3,7 @@
 # 8 minutes on an H100/H200/L40S, each step under its own time limit:
 #   1. the CUDA INT8 GEMV kernel's tests (tests/test_int8_gemv_cuda.py), on the GPU for real;
 #   2. the kernels alone on the 4B shapes (scripts/int8_gemv_bench.py --device cuda): ours,
-#      torchao's compiled path, a plain sum and bf16 cuBLAS, in GB/s;
+#      torchao's compiled path, a plain sum and bf16 cuBLAS, in GB/s, and each of our tilings;
 #   3. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
 #      weight-only, head too, our GEMV kernel, compiled decode step with CUDA graphs) and
 #      bf16 + compile (VARIANTS= picks others, e.g. int8-head-compile-aten: torchao's path).
@@ -50,7 +50,7 @@ timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider tests/test_
 tail -5 "$out/tests.log"
 timeout ${KERNEL_TIMEOUT:-150} python3 scripts/int8_gemv_bench.py --device cuda > "$out/int8_gemv_bench.log" 2>&1 \
     || echo "kernel bench exited with $?" | tee -a "$out/int8_gemv_bench.log"
-grep -v "Warning\|warn\|^W[0-9]" "$out/int8_gemv_bench.log" | tail -9
+grep -v "Warning\|warn\|^W[0-9]" "$out/int8_gemv_bench.log" | tail -14
 
 # Optional: which kernels one variant's decode step runs and for how long (GPU time
 # per step; plain compile, so the kernels are not hidden inside CUDA graphs), e.g.
@@ -65,6 +65,7 @@ fi
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
+export TRITON_PRINT_AUTOTUNING=1  # the tiling picked for each matrix shape, in the bench log
 variants=${VARIANTS:-int8-head-compile,bf16-compile}
 timeout ${BENCH_TIMEOUT:-220} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
     --new-tokens 128 --repeats 2 --variants "$variants" --json "$out/bench_4b_gpu.json" > "$out/bench_4b_gpu.log" 2>&1 \

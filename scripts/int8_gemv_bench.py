@@ -50,6 +50,17 @@ def one_pass(device: str, run, weights):
     return replay
 
 
+def tiling_rates(rows: int, cols: int) -> str:
+    """On CUDA, each tiling's read rate as Triton's autotuner measured it for this shape (GB/s,
+    median; the kernel runs the fastest), for the next round of tilings."""
+    from gemma_opt.int8_gemv_cuda import autotuned_kernel
+
+    timings = {f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}w{c.num_warps}": t[0] if isinstance(t, list) else t
+               for c, t in getattr(autotuned_kernel, "configs_timings", {}).items()}
+    return "  tilings (rows x step, warps) GB/s: " + ", ".join(
+        f"{name} {rows * cols / ms / 1e6:.0f}" for name, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -66,6 +77,8 @@ def main() -> None:
                    "sum": lambda w: w.view(torch.float32).sum()}
         torch.testing.assert_close(kernels["ours"](weights[0]), kernels["torchao"](weights[0]),
                                    rtol=0.02, atol=0.02 * scale.max().item() * cols ** 0.5)
+        if device == "cuda":  # the check above ran ours first for this shape: Triton tuned it then
+            print(tiling_rates(rows, cols))
         inputs = dict.fromkeys(kernels, weights)
         if device == "cuda":
             inputs["bf16"] = [torch.randn(rows, cols, dtype=torch.bfloat16, device=device) for _ in range(count)]
