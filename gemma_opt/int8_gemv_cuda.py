@@ -25,15 +25,31 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 # (weight rows, inputs per loop step, warps) per program: few rows and long steps give
-# many programs with wide loads; more rows share each load of x.
-CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": step}, num_warps=warps) for rows, step, warps in
-           [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
-            (2, 2048, 8), (4, 2048, 8)]]
+# many programs with wide loads; more rows share each load of x. Each with both ways of
+# converting int8 to fp32 (BIT_CONVERT, below).
+TILINGS = [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
+           (2, 2048, 8), (4, 2048, 8)]
+CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "BIT_CONVERT": bits}, num_warps=warps)
+           for rows, step, warps in TILINGS for bits in (False, True)]
+
+
+def config_name(config: triton.Config) -> str:
+    """E.g. ``4x1024w4`` (rows x step, warps), ``+bits`` with BIT_CONVERT."""
+    c = config.kwargs
+    return f"{c['BLOCK_N']}x{c['BLOCK_K']}w{config.num_warps}" + ("+bits" if c["BIT_CONVERT"] else "")
 
 
 @triton.jit
-def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], for BLOCK_N rows n of one row m of x."""
+def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BIT_CONVERT: tl.constexpr):
+    """y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], for BLOCK_N rows n of one row m of x.
+
+    BIT_CONVERT: int8 to fp32 by bit operations and a float subtraction instead of the
+    int-to-float conversion instruction, which runs at a fraction of the FMA rate (the CUDA
+    guide's throughput table) and may only just keep up with HBM3e: w + 128 goes into the
+    low bits of the float 2**23, then 2**23 + 128 is subtracted (exact). Which is faster
+    on a given GPU is left to the autotuner.
+    """
     m = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = w_ptr + n.to(tl.int64)[:, None] * K  # 64-bit offsets: vocabulary x hidden size can pass 2**31
@@ -42,6 +58,8 @@ def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr
         k = start + tl.arange(0, BLOCK_K)
         w = tl.load(rows + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0)
         x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0)
+        if BIT_CONVERT:
+            w = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1) * tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty), mask=n < N)

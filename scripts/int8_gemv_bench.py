@@ -53,11 +53,11 @@ def one_pass(device: str, run, weights):
 def tiling_rates(rows: int, cols: int) -> str:
     """On CUDA, each tiling's read rate as Triton's autotuner measured it for this shape (GB/s,
     median; the kernel runs the fastest), for the next round of tilings."""
-    from gemma_opt.int8_gemv_cuda import autotuned_kernel
+    from gemma_opt.int8_gemv_cuda import autotuned_kernel, config_name
 
-    timings = {f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}w{c.num_warps}": t[0] if isinstance(t, list) else t
+    timings = {config_name(c): t[0] if isinstance(t, list) else t
                for c, t in getattr(autotuned_kernel, "configs_timings", {}).items()}
-    return "  tilings (rows x step, warps) GB/s: " + ", ".join(
+    return "  tilings GB/s: " + ", ".join(
         f"{name} {rows * cols / ms / 1e6:.0f}" for name, ms in sorted(timings.items(), key=lambda kv: kv[1]))
 
 

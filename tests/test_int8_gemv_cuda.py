@@ -11,7 +11,7 @@ from torch import nn
 
 triton = pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; `make test` installs it")
 
-from gemma_opt.int8_gemv_cuda import CONFIGS, int8_gemv_kernel, launch  # noqa: E402
+from gemma_opt.int8_gemv_cuda import CONFIGS, config_name, int8_gemv_kernel, launch  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +31,7 @@ def random_inputs(rows, cols, dtype, x_shape):
 
 
 @RUNS_KERNELS
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}w{c.num_warps}")
+@pytest.mark.parametrize("config", CONFIGS, ids=config_name)
 @pytest.mark.parametrize("rows, cols, x_shape", [(37, 100, (3,)), (64, 4304, (1, 1))])  # row and column tails
 def test_every_tiling_equals_the_dequantized_matmul(config, rows, cols, x_shape):
     x, weight, scale = random_inputs(rows, cols, torch.bfloat16, x_shape)
