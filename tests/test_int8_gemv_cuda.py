@@ -26,7 +26,7 @@ def exact(x, weight, scale):
 
 def random_inputs(rows, cols, dtype, x_shape):
     torch.manual_seed(0)
-    weight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device=DEVICE)
+    weight = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=DEVICE)  # the whole int8 range
     return torch.randn(*x_shape, cols, dtype=dtype, device=DEVICE), weight, torch.rand(rows, device=DEVICE) / 64
 
 
