@@ -70,15 +70,14 @@ def measure_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> fl
         rows = x.view(torch.int8).view(-1, 4096)
         vector, scale = torch.ones(1, 4096, dtype=torch.bfloat16, device=device), torch.ones(rows.shape[0], device=device)
         reads.append(lambda: int8_gemv(vector, rows, scale))
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     best = float("inf")
     for _ in range(repeats):
         for read in reads:
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             read()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync()
             best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
 

@@ -19,7 +19,6 @@ in ``TORCH_EXTENSIONS_DIR``); the CUDA one by Triton, which comes with CUDA buil
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import shutil
@@ -34,6 +33,7 @@ from torchao.quantization import Int8Tensor
 SOURCE = Path(__file__).with_suffix(".cpp")
 
 
+@cache  # asked once per linear when swapping: the CPU capability and Triton lookups once
 def supported(device: torch.device | str) -> bool:
     """Our kernels run on CPUs with AVX-512 and on CUDA GPUs with Triton (elsewhere torchao's path stays)."""
     kind = torch.device(device).type

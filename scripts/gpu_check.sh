@@ -45,30 +45,31 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$
 python3 -c "import torch, torchao, transformers; print(torch.__version__, torchao.__version__, transformers.__version__)" \
     | tee -a "$out/gpu.txt"
 
-timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py > "$out/tests.log" 2>&1 \
-    || echo "tests exited with $?" | tee -a "$out/tests.log"
-tail -5 "$out/tests.log"
-timeout ${KERNEL_TIMEOUT:-150} python3 scripts/int8_gemv_bench.py --device cuda > "$out/int8_gemv_bench.log" 2>&1 \
-    || echo "kernel bench exited with $?" | tee -a "$out/int8_gemv_bench.log"
-grep -v "Warning\|warn\|^W[0-9]" "$out/int8_gemv_bench.log" | tail -14
+# step LOG SECONDS LINES COMMAND...: COMMAND under a time limit into $out/LOG (a failure is noted
+# there and the check goes on), then the log's last LINES lines without warnings.
+step() {
+    local log=$1 limit=$2 lines=$3
+    shift 3
+    timeout "$limit" "$@" > "$out/$log" 2>&1 || echo "$log: exited with $?" >> "$out/$log"
+    grep -v "Warning\|warn\|^W[0-9]" "$out/$log" | tail -"$lines" || true  # a log of warnings only
+}
+
+step tests.log ${TEST_TIMEOUT:-90} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py
+step int8_gemv_bench.log ${KERNEL_TIMEOUT:-150} 14 python3 scripts/int8_gemv_bench.py --device cuda
 
 # Optional: which kernels one variant's decode step runs and for how long (GPU time
 # per step; plain compile, so the kernels are not hidden inside CUDA graphs), e.g.
 # PROFILE_VARIANT=int8-head-compile. Its time comes out of the bench's.
 if [[ -n "${PROFILE_VARIANT:-}" ]]; then
-    GEMMA_OPT_COMPILE_MODE=default timeout ${PROFILE_TIMEOUT:-240} python3 -m gemma_opt profile \
-        --model ${MODEL:-gemma-3-4b-arch} --variant "$PROFILE_VARIANT" > "$out/profile.log" 2>&1 \
-        || echo "profile exited with $?" | tee -a "$out/profile.log"
-    grep -v "Warning\|warn\|^W[0-9]" "$out/profile.log" | tail -20
+    step profile.log ${PROFILE_TIMEOUT:-240} 20 env GEMMA_OPT_COMPILE_MODE=default \
+        python3 -m gemma_opt profile --model ${MODEL:-gemma-3-4b-arch} --variant "$PROFILE_VARIANT"
 fi
 
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
 export TRITON_PRINT_AUTOTUNING=1  # the tiling picked for each matrix shape, in the bench log
-variants=${VARIANTS:-int8-head-compile,bf16-compile}
-timeout ${BENCH_TIMEOUT:-220} python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} --prompt-tokens 128 \
-    --new-tokens 128 --repeats 2 --variants "$variants" --json "$out/bench_4b_gpu.json" > "$out/bench_4b_gpu.log" 2>&1 \
-    || echo "bench exited with $?" | tee -a "$out/bench_4b_gpu.log"
-grep -v "Warning\|warn\|^W[0-9]" "$out/bench_4b_gpu.log" | tail -30
+step bench_4b_gpu.log ${BENCH_TIMEOUT:-220} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
+    --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "${VARIANTS:-int8-head-compile,bf16-compile}" \
+    --json "$out/bench_4b_gpu.json"
 python3 -c "import json, sys; from gemma_opt.bench import table; print(table(json.load(open(sys.argv[1]))))" "$out/bench_4b_gpu.json" || true

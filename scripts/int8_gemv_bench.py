@@ -3,8 +3,8 @@
 For each shape, enough distinct weight matrices to fill ~600 MB (so none sits in a cache,
 as in a real decode step), and the best of five passes over them, interleaved, for: ours
 (``gemma_opt.int8_gemv``), what torchao's INT8 linear reaches once compiled (on CPU ATen's
-``_weight_int8pack_mm``; on CUDA inductor's code for torchao's ``mm(x, w.to(bf16)) * s``
-with torchao's inductor settings), and a plain ``sum`` over the same bytes (the read rate to
+``_weight_int8pack_mm``, called directly; on CUDA torchao's own linear on an ``Int8Tensor``,
+compiled with the inductor settings ``quantize_`` sets), and a plain ``sum`` over the same bytes (the read rate to
 aim at); on CUDA also bf16 weights through cuBLAS, at their own (twice the) bytes.
 
     .venv/bin/python scripts/int8_gemv_bench.py            # ~1 minute on 2 cores
@@ -15,6 +15,8 @@ import argparse
 import time
 
 import torch
+from torch.nn import functional as F
+from torchao.quantization import Int8Tensor
 
 from gemma_opt.int8_gemv import int8_gemv
 
@@ -23,13 +25,16 @@ SHAPES = {"q_proj": (2048, 2560), "k/v_proj": (1024, 2560), "o_proj": (2560, 204
 
 
 def torchao_compiled(device: str, x, scale):
-    """torchao's INT8 weight-only linear as it runs in the compiled decode step."""
+    """torchao's INT8 weight-only linear as it runs in the compiled decode step (on CPU the
+    ATen kernel inductor makes of it, called directly: no per-call overhead of a compiled
+    function on the small matrices)."""
     if device == "cpu":
         return lambda w: torch._weight_int8pack_mm(x, w, scale)
     from torchao.quantization.utils import recommended_inductor_config_setter
 
     recommended_inductor_config_setter()  # what quantize_ sets: coordinate descent tuning, fused one-row mm
-    return torch.compile(lambda w: torch.mm(x, w.t().to(x.dtype)) * scale, dynamic=False)
+    linear = torch.compile(F.linear, dynamic=False)
+    return lambda w: linear(x, Int8Tensor(w, scale, [1, w.shape[1]], x.dtype))
 
 
 def one_pass(device: str, run, weights):
