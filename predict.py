@@ -7,7 +7,7 @@ import cog
 from cog import BaseRunner, ConcatenateIterator, Input, Path
 
 from gemma_opt.config import QUANT_MODES, SPARSITY_CHOICES, PipelineConfig
-from gemma_opt.generation import GenerationStats, SamplingParams, build_inputs, stream
+from gemma_opt.generation import GenerationStats, SamplingParams
 from gemma_opt.models import GENERATION_DEFAULTS
 from gemma_opt.service import Service, open_image
 
@@ -50,10 +50,9 @@ class Predictor(BaseRunner):
         print(f"seed: {seed}")
         loaded, report = self.service.get(sparsity_method, sparsity_ratio, quantization)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
-        inputs = build_inputs(loaded, prompt, open_image(image) if image else None, system_prompt or None,
-                              max_new_tokens)
         stats = GenerationStats()
-        yield from stream(loaded, inputs, params, stats)
+        yield from self.service.generate(loaded, prompt, open_image(image) if image else None, system_prompt or None,
+                                         params, stats)
         self.record_metric("input_token_count", stats.input_tokens)
         self.record_metric("output_token_count", stats.output_tokens)
         self.record_metric("time_to_first_token", stats.ttft_s)

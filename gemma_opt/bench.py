@@ -1,5 +1,6 @@
-"""Speed and memory of pipeline variants against plain transformers bf16, in one run; and
-(``--cold-boot``) how long a boot takes without and with the cold-boot cache.
+"""Speed and memory of pipeline variants against plain transformers bf16, in one run;
+(``--cold-boot``) how long a boot takes without and with the cold-boot cache; and
+(``--served``) whether a client of the real Cog server gets the decode speed measured here.
 
 Each variant runs in a fresh process (peak RSS is per process) and prints one JSON line;
 the parent adds the ratio to the baseline and the memory-bandwidth roofline.
@@ -17,9 +18,11 @@ import tempfile
 import time
 
 import torch
+import yaml
 from transformers.generation.streamers import BaseStreamer
 
 from .cache import load_and_optimize
+from .cog_server import CogServer
 from .compilation import WARMUP_PROMPT
 from .config import PipelineConfig
 from .evaluation import DEFAULT_EVAL_TEXT
@@ -291,6 +294,57 @@ def cold_boot(model: str, variants: list[str]) -> list[dict]:
         print(f"  {name}: cold {cold['setup_s']:.1f}s, cached {cached['setup_s']:.1f}s ({cached['cache']})",
               file=sys.stderr)
     return records
+
+
+def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int) -> list[dict]:
+    """Per variant, its decode speed in a plain process (``bench-one``: what the other tables
+    report), then as a client of the real Cog server sees it (the ``tokens_per_second``
+    metric, median of ``repeats`` greedy requests after one more to warm up). One after the
+    other, each with the cores to itself; the server gets the variant's whole pipeline as a
+    config file (GEMMA_OPT_CONFIG) and no other GEMMA_OPT_* variable."""
+    words = DEFAULT_EVAL_TEXT.read_text().split()[:prompt_tokens * 3 // 4]  # about prompt_tokens tokens
+    prompt = "Continue this text:\n\n" + " ".join(words)
+    records = []
+    for name in variants:
+        if VARIANTS[name] is None:
+            raise SystemExit(f"{name} is plain transformers, not a pipeline the service can serve")
+        plain = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
+                          "--new-tokens", str(new_tokens), "--repeats", str(repeats))
+        with tempfile.TemporaryDirectory() as tmp:
+            config_file = os.path.join(tmp, "pipeline.yaml")
+            with open(config_file, "w") as f:
+                yaml.safe_dump(variant_config(model, name).model_dump(mode="json"), f)
+            server = CogServer({"GEMMA_OPT_CONFIG": config_file},
+                               {k: v for k, v in os.environ.items() if not k.startswith("GEMMA_OPT_")})
+            try:
+                health = server.wait_until_set_up()
+                if health["status"] != "READY":
+                    raise SystemExit(f"{name}: the server's setup failed; log: {server.log.name}")
+                answers = [server.predict(prompt=prompt, max_new_tokens=new_tokens, temperature=0).json()
+                           for _ in range(repeats + 1)]
+            finally:
+                server.stop()
+        failed = [a for a in answers if a["status"] != "succeeded"]
+        if failed:
+            raise SystemExit(f"{name}: a prediction failed: {failed[0].get('error')}")
+        metrics = [a["metrics"] for a in answers[1:]]
+        rate = statistics.median(m["tokens_per_second"] for m in metrics)
+        records.append({"variant": name, "model": model, "plain_tokens_per_s": plain["decode_tokens_per_s"],
+                        "served_tokens_per_s": rate, "served_over_plain": rate / plain["decode_tokens_per_s"],
+                        "served_input_tokens": metrics[0]["input_token_count"],
+                        "served_output_tokens": [m["output_token_count"] for m in metrics]})
+        print(f"  {name}: plain {plain['decode_tokens_per_s']:.2f}, served {rate:.2f} tokens/s", file=sys.stderr)
+    return records
+
+
+def served_table(records: list[dict]) -> str:
+    rows = ["| variant | plain process tok/s | served tok/s | served / plain | served prompt, answer tokens |",
+            "|---|---|---|---|---|"]
+    for r in records:
+        rows.append(f"| {r['variant']} | {r['plain_tokens_per_s']:.2f} | {r['served_tokens_per_s']:.2f} | "
+                    f"{r['served_over_plain']:.0%} | {r['served_input_tokens']}, "
+                    f"{'/'.join(map(str, r['served_output_tokens']))} |")
+    return "\n".join(rows)
 
 
 def cold_boot_table(records: list[dict]) -> str:

@@ -94,7 +94,7 @@ def evaluate(args) -> None:
 def benchmark(args) -> None:
     import json
 
-    from .bench import BASELINE, bench, cold_boot, cold_boot_table, table
+    from .bench import BASELINE, bench, cold_boot, cold_boot_table, served, served_table, table
 
     def save(records):
         if args.json:
@@ -104,6 +104,11 @@ def benchmark(args) -> None:
         records = cold_boot(args.model, [v for v in args.variants.split(",") if v != BASELINE])
         save(records)
         print(cold_boot_table(records))
+        return
+    if args.served:
+        records = served(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats)
+        save(records)
+        print(served_table(records))
         return
 
     records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save)
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--json")
             p.add_argument("--cold-boot", action="store_true", help="setup time per variant without and with "
                            "the cold-boot cache, each boot a fresh process")
+            p.add_argument("--served", action="store_true", help="decode speed in a plain process and through "
+                           "the real Cog server (its tokens_per_second metric), per variant")
         else:
             p.add_argument("--variant", required=True)
         p.set_defaults(func=func)

@@ -1,5 +1,6 @@
 """The serving core behind ``predict.py``: the deployment's optimized model, plus
-variants that a request asks for, each built once from the pristine weights."""
+variants that a request asks for, each built once from the pristine weights, all run on
+one thread of their own."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import copy
 import dataclasses
 import gc
 import os
+import queue
+import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, PipelineConfig
-from .generation import InputError
+from .generation import GenerationStats, InputError, SamplingParams, build_inputs, stream
 from .models import LoadedModel
 from .cache import load_and_optimize
 from .pipeline import Report, load, optimize, resolve_device
@@ -23,16 +28,64 @@ from .pipeline import Report, load, optimize, resolve_device
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as decompression bombs
 
 
+class ModelThread:
+    """One long-lived thread that does all of a service's torch work, whichever thread asks.
+
+    coglet runs setup on the main thread and each prediction on a new thread. Every thread
+    that runs a parallel CPU kernel gets its own OpenMP thread pool, and once two pools
+    exist libgomp counts more threads than cores and stops spinning between kernels: the
+    270M then decoded at 37 tokens/s through the Cog server against 66 on the setup thread
+    (`scripts/served_speed.py`). On CUDA, torch's CUDA-graph trees are per thread too, so a
+    new thread would record its graphs again."""
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gemma-opt-model")
+
+    def call(self, fn: Callable, /, *args, **kwargs):
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    def iterate(self, items: Callable[[], Iterator]) -> Iterator:
+        """Yield here what ``items()`` yields on the model thread. Closing this iterator, or an
+        exception raised into the waiting thread (coglet's cancel), stops it after the next item."""
+        out, stop = queue.SimpleQueue(), threading.Event()
+
+        def produce():
+            iterator = items()
+            try:
+                for item in iterator:
+                    out.put(item)
+                    if stop.is_set():
+                        return
+            finally:
+                iterator.close()
+
+        done = self._executor.submit(produce)
+        done.add_done_callback(lambda _: out.put(done))
+        try:
+            while True:
+                try:  # a timeout, so that a cancel raised into this thread is seen during prefill
+                    item = out.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is done:
+                    return done.result()  # re-raises what failed there
+                yield item
+        finally:
+            stop.set()
+
+
 class Service:
     """The deployment's optimized model, and variants built from one dense copy of the
-    weights on the CPU (never touched), so a variant never prunes an already-pruned model."""
+    weights on the CPU (never touched), so a variant never prunes an already-pruned model.
+    Loading, optimizing and generating all run on one ``ModelThread``."""
 
     def __init__(self, config: PipelineConfig, extra_variants: int = 1):
         self.config, self.extra_variants = config, extra_variants
         self.device = resolve_device(config.device)
         self.default_key = self._key(config)
+        self.thread = ModelThread()
         self.variants: OrderedDict[tuple, tuple[LoadedModel, Report]] = OrderedDict()
-        self.variants[self.default_key] = load_and_optimize(config)
+        self.variants[self.default_key] = self.thread.call(load_and_optimize, config)
         self._pristine: torch.nn.Module | None = None
 
     @property
@@ -59,8 +112,16 @@ class Service:
         return self.config.replace(prune=prune, quant={"mode": quantization, "semi_structured": semi_structured})
 
     def get(self, sparsity: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
-        """The variant for these choices: cached, or built from the pristine weights."""
-        config = self.variant_config(sparsity, ratio, quantization)
+        """The variant for these choices: cached, or built (on the model thread) from the pristine weights."""
+        return self.thread.call(self._get, self.variant_config(sparsity, ratio, quantization))
+
+    def generate(self, loaded: LoadedModel, prompt: str, image: Image.Image | None, system_prompt: str | None,
+                 params: SamplingParams, stats: GenerationStats) -> Iterator[str]:
+        """Stream the answer; the prompt is tokenized (and the image processed) on the model thread too."""
+        return self.thread.iterate(lambda: stream(
+            loaded, build_inputs(loaded, prompt, image, system_prompt, params.max_new_tokens), params, stats))
+
+    def _get(self, config: PipelineConfig) -> tuple[LoadedModel, Report]:
         key = self._key(config)
         if key in self.variants:
             if key != self.default_key:

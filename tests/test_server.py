@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from cog_server import CogServer
+from gemma_opt.cog_server import CogServer
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Start the real Cog HTTP server (coglet) on 127.0.0.1 for tests."""
+"""The real Cog HTTP server (coglet) on 127.0.0.1, as a client drives it: for the tests and
+``bench --served``."""
 
 import os
 import socket
@@ -20,14 +21,14 @@ def free_port() -> int:
 
 
 class CogServer:
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], base_env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", prefix="cog-server-", suffix=".log", delete=False)
         # `python -m gemma_opt serve` execs `python -m cog.server.http` on predict.py.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gemma_opt", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env={**(os.environ if base_env is None else base_env), **env}, stdout=self.log, stderr=subprocess.STDOUT)
         self.statuses: list[str] = []
 
     def health(self) -> dict:

@@ -1,0 +1,77 @@
+"""The serving core: whichever thread a request arrives on, the model runs on the service's own thread."""
+
+import threading
+
+import pytest
+
+from gemma_opt.config import PipelineConfig
+from gemma_opt.generation import GenerationStats, InputError, SamplingParams
+from gemma_opt.service import Service
+
+
+@pytest.fixture(scope="module")
+def service():
+    return Service(PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))
+
+
+def in_new_thread(fn):
+    """fn() on a fresh thread, as coglet runs each prediction; its result, or its exception re-raised."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # handed back to the caller
+            result["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_requests_from_any_thread_run_the_model_on_the_setup_thread(service):
+    model_thread = service.thread.call(threading.get_ident)
+    assert model_thread != threading.get_ident()
+    ran_on = []
+
+    def answer(loaded):
+        hook = loaded.model.register_forward_pre_hook(lambda *_: ran_on.append(threading.get_ident()))
+        stats = GenerationStats()
+        try:
+            text = "".join(service.generate(loaded, "Hello", None, None, SamplingParams(max_new_tokens=5), stats))
+        finally:
+            hook.remove()
+        return text, stats.output_tokens, threading.get_ident()
+
+    default = service.default[0]
+    asked_from = []
+    for _ in range(3):
+        text, tokens, caller = in_new_thread(lambda: answer(default))
+        assert text and tokens == 5
+        asked_from.append(caller)
+    variant = in_new_thread(lambda: service.get("magnitude", 0.3, "int8_weight_only"))[0]
+    assert variant.model is not default.model
+    in_new_thread(lambda: answer(variant))
+    assert len(ran_on) == 4 * 5  # a prefill and four decode steps per request
+    assert set(ran_on) == {model_thread} and model_thread not in asked_from
+
+
+def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(service):
+    loaded = service.default[0]
+    with pytest.raises(InputError, match="exceeds this model's context"):
+        "".join(service.generate(loaded, "word " * 5000, None, None, SamplingParams(max_new_tokens=4),
+                                 GenerationStats()))
+    assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4), GenerationStats()))
+
+
+def test_closing_the_stream_stops_generation_on_the_model_thread(service):
+    stats = GenerationStats()
+    pieces = service.generate(service.default[0], "Tell me everything.", None, None,
+                              SamplingParams(max_new_tokens=2000, stop_at_eos=False), stats)
+    next(pieces)
+    pieces.close()
+    service.thread.call(lambda: None)  # the model thread has finished what it was doing
+    assert 1 <= stats.output_tokens < 2000
