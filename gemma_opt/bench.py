@@ -22,9 +22,8 @@ import yaml
 from transformers.generation.streamers import BaseStreamer
 
 from .cache import load_and_optimize
-from .cog_server import CogServer
 from .compilation import WARMUP_PROMPT
-from .config import PipelineConfig
+from .config import PipelineConfig, env_names
 from .evaluation import DEFAULT_EVAL_TEXT
 from .generation import GenerationStats, SamplingParams, generate_text, stream
 from .int8_gemv import int8_gemv
@@ -301,9 +300,12 @@ def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int,
     report), then as a client of the real Cog server sees it (the ``tokens_per_second``
     metric, median of ``repeats`` greedy requests after one more to warm up). One after the
     other, each with the cores to itself; the server gets the variant's whole pipeline as a
-    config file (GEMMA_OPT_CONFIG) and no other GEMMA_OPT_* variable."""
+    config file (GEMMA_OPT_CONFIG) and none of the pipeline's GEMMA_OPT_* variables."""
+    from .cog_server import CogServer  # needs requests, which only this mode uses
+
     words = DEFAULT_EVAL_TEXT.read_text().split()[:prompt_tokens * 3 // 4]  # about prompt_tokens tokens
     prompt = "Continue this text:\n\n" + " ".join(words)
+    server_env = {k: v for k, v in os.environ.items() if k not in env_names()}
     records = []
     for name in variants:
         if VARIANTS[name] is None:
@@ -314,8 +316,7 @@ def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int,
             config_file = os.path.join(tmp, "pipeline.yaml")
             with open(config_file, "w") as f:
                 yaml.safe_dump(variant_config(model, name).model_dump(mode="json"), f)
-            server = CogServer({"GEMMA_OPT_CONFIG": config_file},
-                               {k: v for k, v in os.environ.items() if not k.startswith("GEMMA_OPT_")})
+            server = CogServer({"GEMMA_OPT_CONFIG": config_file}, server_env)
             try:
                 health = server.wait_until_set_up()
                 if health["status"] != "READY":

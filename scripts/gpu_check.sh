@@ -7,6 +7,10 @@
 #   3. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
 #      weight-only, head too, our GEMV kernel, compiled decode step with CUDA graphs) and
 #      bf16 + compile (VARIANTS= picks others, e.g. int8-head-compile-aten: torchao's path).
+# Optional, each in place of part of the above within 8 minutes: PROFILE_VARIANT= (the decode
+# step's GPU time by kernel) and SERVED_VARIANTS= (`bench --served`: the variant in a plain
+# process and through the real Cog server, with the same CUDA graphs; e.g.
+# SERVED_VARIANTS=bf16-compile VARIANTS= KERNEL_CHECKS=0; KERNEL_CHECKS=0 skips steps 1-2).
 # The bench JSON in $OUT (or ./out) is rewritten after every variant, and a variant that fails
 # is recorded with its error, so a cut-short run still reports.
 #
@@ -22,8 +26,10 @@ if [[ "${1:-}" == "prepare" ]]; then
     # huggingface_hub, safetensors, numpy, Pillow, PyYAML and tqdm are used as they are.
     rm -rf .gpu && mkdir -p .gpu/wheels
     py=${PYTHON:-.venv/bin/python}
-    pins=$(grep -E '^(transformers|torchao|pydantic)==' requirements.txt)
-    for pkg in $pins pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions; do
+    pins=$(grep -E '^(transformers|torchao|pydantic|cog|requests)==' requirements.txt)
+    # (the Cog server for SERVED_VARIANTS: coglet and what cog and requests need, at .venv's versions)
+    for pkg in $pins pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions coglet==0.23.1 \
+            structlog==26.1.0 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3; do
         "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d .gpu/wheels "$pkg"
@@ -54,8 +60,10 @@ step() {
     grep -v "Warning\|warn\|^W[0-9]" "$out/$log" | tail -"$lines" || true  # a log of warnings only
 }
 
-step tests.log ${TEST_TIMEOUT:-90} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py
-step int8_gemv_bench.log ${KERNEL_TIMEOUT:-150} 14 python3 scripts/int8_gemv_bench.py --device cuda
+if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
+    step tests.log ${TEST_TIMEOUT:-90} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py
+    step int8_gemv_bench.log ${KERNEL_TIMEOUT:-150} 14 python3 scripts/int8_gemv_bench.py --device cuda
+fi
 
 # Optional: which kernels one variant's decode step runs and for how long (GPU time
 # per step; plain compile, so the kernels are not hidden inside CUDA graphs), e.g.
@@ -69,7 +77,14 @@ fi
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
 export TRITON_PRINT_AUTOTUNING=1  # the tiling picked for each matrix shape, in the bench log
-step bench_4b_gpu.log ${BENCH_TIMEOUT:-220} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
-    --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "${VARIANTS:-int8-head-compile,bf16-compile}" \
-    --json "$out/bench_4b_gpu.json"
-python3 -c "import json, sys; from gemma_opt.bench import table; print(table(json.load(open(sys.argv[1]))))" "$out/bench_4b_gpu.json" || true
+if [[ -n "${VARIANTS-int8-head-compile,bf16-compile}" ]]; then
+    step bench_4b_gpu.log ${BENCH_TIMEOUT:-220} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
+        --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "${VARIANTS-int8-head-compile,bf16-compile}" \
+        --json "$out/bench_4b_gpu.json"
+    python3 -c "import json, sys; from gemma_opt.bench import table; print(table(json.load(open(sys.argv[1]))))" \
+        "$out/bench_4b_gpu.json" || true
+fi
+if [[ -n "${SERVED_VARIANTS:-}" ]]; then
+    step served_4b_gpu.log ${SERVED_TIMEOUT:-300} 8 python3 -m gemma_opt bench --served --model ${MODEL:-gemma-3-4b-arch} \
+        --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "$SERVED_VARIANTS" --json "$out/served_4b_gpu.json"
+fi
