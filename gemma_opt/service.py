@@ -12,7 +12,7 @@ import queue
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,10 +33,10 @@ class ModelThread:
 
     coglet runs setup on the main thread and each prediction on a new thread. Every thread
     that runs a parallel CPU kernel gets its own OpenMP thread pool, and once two pools
-    exist libgomp counts more threads than cores and stops spinning between kernels: the
-    270M then decoded at 37 tokens/s through the Cog server against 66 on the setup thread
-    (`scripts/served_speed.py`). On CUDA, torch's CUDA-graph trees are per thread too, so a
-    new thread would record its graphs again."""
+    exist libgomp counts more threads than cores and throttles its spin-waiting between
+    kernels: the served 270M decoded at 56% of its speed in a plain process (34.8 vs 62.7
+    tokens/s, ``python -m gemma_opt bench --served``). On CUDA, torch's CUDA-graph trees are
+    per thread too, so a new thread would record its graphs again."""
 
     def __init__(self):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gemma-opt-model")
@@ -44,7 +44,7 @@ class ModelThread:
     def call(self, fn: Callable, /, *args, **kwargs):
         return self._executor.submit(fn, *args, **kwargs).result()
 
-    def iterate(self, items: Callable[[], Iterator]) -> Iterator:
+    def iterate(self, items: Callable[[], Generator]) -> Iterator:
         """Yield here what ``items()`` yields on the model thread. Closing this iterator, or an
         exception raised into the waiting thread (coglet's cancel), stops it after the next item."""
         out, stop = queue.SimpleQueue(), threading.Event()
