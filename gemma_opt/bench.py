@@ -332,7 +332,7 @@ def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int,
         rate = statistics.median(m["tokens_per_second"] for m in metrics)
         records.append({"variant": name, "model": model, "plain_tokens_per_s": plain["decode_tokens_per_s"],
                         "served_tokens_per_s": rate, "served_over_plain": rate / plain["decode_tokens_per_s"],
-                        "served_input_tokens": metrics[0]["input_token_count"],
+                        "served_input_tokens": metrics[0]["input_token_count"], "served_sparsity": metrics[0]["sparsity"],
                         "served_output_tokens": [m["output_token_count"] for m in metrics]})
         print(f"  {name}: plain {plain['decode_tokens_per_s']:.2f}, served {rate:.2f} tokens/s", file=sys.stderr)
     return records

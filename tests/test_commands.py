@@ -73,15 +73,18 @@ def test_bench_cold_boot_times_a_cold_and_a_cached_boot_in_fresh_processes(tmp_p
 
 
 @pytest.mark.slow
-def test_bench_served_measures_a_variant_in_a_plain_process_and_through_the_cog_server(tmp_path):
-    out = gemma_opt("bench", "--served", "--model", "tiny-random", "--variants", "int8-eager", "--prompt-tokens", "16",
+def test_bench_served_measures_a_variant_in_a_plain_process_and_through_the_cog_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_OPT_COMPILE_MODE", "none")  # reaches both, through the variant's config file
+    monkeypatch.setenv("GEMMA_OPT_PRUNE_RATIO", "0.5")  # the variant's 0.25 wins, in the server too
+    out = gemma_opt("bench", "--served", "--model", "tiny-random", "--variants", "mlp25-masked", "--prompt-tokens", "16",
                     "--new-tokens", "8", "--repeats", "2", "--json", str(tmp_path / "served.json"))
     (record,) = json.loads((tmp_path / "served.json").read_text())
-    assert record["variant"] == "int8-eager" and record["plain_tokens_per_s"] > 0 and record["served_tokens_per_s"] > 0
+    assert record["variant"] == "mlp25-masked" and record["plain_tokens_per_s"] > 0 and record["served_tokens_per_s"] > 0
     assert record["served_over_plain"] == record["served_tokens_per_s"] / record["plain_tokens_per_s"]
     assert len(record["served_output_tokens"]) == 2 and all(1 <= n <= 8 for n in record["served_output_tokens"])
     assert record["served_input_tokens"] > 12  # the chat template around ~12 words of text
-    assert "| int8-eager |" in out
+    assert record["served_sparsity"] == pytest.approx(1 / 6)  # a quarter of the MLP weights: the variant was served
+    assert "| mlp25-masked |" in out
 
 
 def test_prebuild_writes_the_cache_entry_a_boot_then_uses(tmp_path, monkeypatch):
