@@ -212,15 +212,20 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return weight_bytes(model) - vision
 
 
+def check_variants(names: list[str]) -> None:
+    """Before anything runs: every name is a known variant."""
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+
+
 def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
           on_record=None) -> list[dict]:
     """The baseline, then each variant, each in a fresh process. A variant that fails is
     recorded with its error and the rest still run; ``on_record(records)`` sees every
     step, so a run cut short still leaves what it measured."""
     names = [BASELINE] + [v for v in variants if v != BASELINE]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    check_variants(names)
     records: list[dict] = []
     for name in names:
         try:
@@ -305,11 +310,12 @@ def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int,
 
     words = DEFAULT_EVAL_TEXT.read_text().split()[:prompt_tokens * 3 // 4]  # about prompt_tokens tokens
     prompt = "Continue this text:\n\n" + " ".join(words)
+    check_variants(variants)
+    if BASELINE in variants:
+        raise SystemExit(f"{BASELINE} is plain transformers, not a pipeline the service can serve")
     server_env = {k: v for k, v in os.environ.items() if k not in env_names()}
     records = []
     for name in variants:
-        if VARIANTS[name] is None:
-            raise SystemExit(f"{name} is plain transformers, not a pipeline the service can serve")
         plain = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
                           "--new-tokens", str(new_tokens), "--repeats", str(repeats))
         with tempfile.TemporaryDirectory() as tmp:

@@ -77,9 +77,10 @@ fi
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
 export TRITON_PRINT_AUTOTUNING=1  # the tiling picked for each matrix shape, in the bench log
-if [[ -n "${VARIANTS-int8-head-compile,bf16-compile}" ]]; then
+variants=${VARIANTS-int8-head-compile,bf16-compile}  # VARIANTS= (empty) skips this step
+if [[ -n "$variants" ]]; then
     step bench_4b_gpu.log ${BENCH_TIMEOUT:-220} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
-        --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "${VARIANTS-int8-head-compile,bf16-compile}" \
+        --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "$variants" \
         --json "$out/bench_4b_gpu.json"
     python3 -c "import json, sys; from gemma_opt.bench import table; print(table(json.load(open(sys.argv[1]))))" \
         "$out/bench_4b_gpu.json" || true
