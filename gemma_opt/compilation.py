@@ -4,8 +4,8 @@ Prefill runs once per request and stays eager; every generated token runs the
 language model's decode step, and that is what gets compiled: one token at a time
 against a static KV cache of ``cache_len`` positions, so the step has the same shapes
 in every request whatever its prompt length or ``max_new_tokens``, and one set of
-graphs serves them all. transformers' ``generate()`` does exactly this when the model
-has a ``CompileConfig`` and the cache is static; we enable it on CPU as well.
+graphs serves them all (transformers' ``generate()`` compiles the same step when the cache
+is static, on accelerators).
 
 Every layer's cache holds all ``cache_len`` positions, the sliding-window layers too,
 and the window is applied by the attention mask, as gpt-fast does. transformers' own
@@ -22,11 +22,12 @@ vision encoder's layers, run once per image, can be compiled regionally (``visio
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from PIL import Image
 from transformers import AttentionInterface, StaticCache
 from transformers.cache_utils import Cache, StaticLayer
-from transformers.generation.configuration_utils import CompileConfig as HFCompileConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .config import CompileConfig
@@ -38,6 +39,9 @@ from .models import LoadedModel
 ATTENTION = "gemma_opt_grouped"
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 WARMUP_PROMPT = "Describe the weather on a quiet autumn morning, in a few words."
+# Each model's decode step keeps its own compiled graphs (see compile_decode). torch before
+# 2.13 may lack the option (the GPU machines lent here run 2.11): there they share one cache.
+OWN_GRAPHS = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 class DecodeCache(StaticCache):
@@ -100,8 +104,7 @@ AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"]
 def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     """Set up the compiled decode step (and the vision layers if asked); returns what was compiled."""
     model = loaded.model
-    loaded.decode_cache = None
-    model.generation_config.compile_config = None
+    loaded.decode_cache = loaded.decode_step = None
     if config.mode == "none":
         return []
     # One query against the cache: PyTorch's CPU flash-attention kernel took ~1 ms a layer
@@ -109,9 +112,12 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # compiled graph instead. Prefill is eager and short, so it pays little for this.
     text_only = model.config.get_text_config() is model.config
     model.set_attn_implementation(ATTENTION if text_only else {"text_config": ATTENTION})
-    hf_config = HFCompileConfig(fullgraph=True, dynamic=None, backend=config.backend, mode=config.mode)
-    hf_config._compile_all_devices = True  # transformers only auto-compiles on accelerators unless told
-    model.generation_config.compile_config = hf_config
+    # dynamo keeps compiled graphs per code object, and every model's forward is the same code:
+    # shared, the service's variants (a new graph for each weight format and each compacted
+    # width) would exhaust dynamo's limit of 8 graphs, after which a new variant's compile
+    # fails (fullgraph). With its own graphs, a model compiles its step once and keeps it.
+    loaded.decode_step = torch.compile(model.__call__, fullgraph=True, backend=config.backend, mode=config.mode,
+                                       **OWN_GRAPHS)
     kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"]

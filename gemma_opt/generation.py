@@ -85,7 +85,7 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     stats.input_tokens = prompt_len
     cache = loaded.decode_cache
     if cache is not None and prompt_len + params.max_new_tokens <= cache.max_cache_len:
-        forward, decode_masks = model.get_compiled_call(model.generation_config.compile_config), cache.decode_masks
+        forward, decode_masks = loaded.decode_step, cache.decode_masks
     else:
         cache, forward, decode_masks = DynamicCache(config=model.config), model.__call__, lambda position: None
     pick = _sampler(params)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class LoadedModel:
     processor: object | None  # a Gemma3Processor when the model has a vision tower
     name: str
     decode_cache: object | None = None  # the StaticCache the compiled decode step runs on (compilation.py)
+    decode_step: Callable | None = None  # the model's compiled forward for one decoded token (compilation.py)
 
     @property
     def has_vision(self) -> bool:

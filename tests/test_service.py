@@ -1,9 +1,13 @@
 """The serving core: whichever thread a request arrives on, the model runs on the service's own thread."""
 
+import gc
 import threading
+import weakref
 
 import pytest
+import torch
 
+from gemma_opt.compilation import compile_counters
 from gemma_opt.config import PipelineConfig
 from gemma_opt.generation import GenerationStats, InputError, SamplingParams
 from gemma_opt.service import Service
@@ -75,3 +79,25 @@ def test_closing_the_stream_stops_generation_on_the_model_thread(service):
     pieces.close()
     service.thread.call(lambda: None)  # the model thread has finished what it was doing
     assert 1 <= stats.output_tokens < 2000
+
+
+@pytest.mark.slow
+def test_each_variant_compiles_its_own_decode_step_whatever_dynamo_s_recompile_limit():
+    """dynamo counts graphs per code object against its recompile limit (8), and every model's
+    forward is the same code: shared, a long-lived service's variants used it up and then a new
+    one failed to compile. At a limit of 1, two new weight formats still compile and serve."""
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    service = Service(PipelineConfig.validated({"model": "tiny-random"}))  # INT8, decode step compiled
+    service.thread.call(setattr, torch._dynamo.config, "recompile_limit", 1)  # torch's config is per thread
+    graphs, built = compile_counters()["unique_graphs"], []
+    for sparsity, ratio, quantization in [("none", 0.0, "none"), ("magnitude", 0.2, "float8_weight_only")]:
+        loaded = service.get(sparsity, ratio, quantization)[0]
+        assert loaded.decode_step is not service.default[0].decode_step
+        assert "".join(service.generate(loaded, "Hi", None, None, greedy, GenerationStats()))
+        built.append(weakref.ref(loaded.model))
+    assert compile_counters()["unique_graphs"] == graphs + 2
+    del loaded
+    gc.collect()
+    assert built[0]() is None and built[1]() is not None  # one extra variant kept; dynamo holds no weights
+    assert "".join(service.generate(service.default[0], "Hi", None, None, greedy, GenerationStats()))
+    assert compile_counters()["unique_graphs"] == graphs + 2  # the default kept its graph
