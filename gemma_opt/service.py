@@ -36,7 +36,8 @@ class ModelThread:
     exist libgomp counts more threads than cores and throttles its spin-waiting between
     kernels: the served 270M decoded at 56% of its speed in a plain process (34.8 vs 62.7
     tokens/s, ``python -m gemma_opt bench --served``). On CUDA, torch's CUDA-graph trees are
-    per thread too, so a new thread would record its graphs again."""
+    per thread too, so a new thread would record its graphs again; and so are torch's config
+    overrides, such as the inductor settings torchao's ``quantize_`` makes for the compile."""
 
     def __init__(self):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gemma-opt-model")
