@@ -1,4 +1,5 @@
-"""The serving core: whichever thread a request arrives on, the model runs on the service's own thread."""
+"""The serving core: whichever thread a request arrives on, the model runs on the service's own thread;
+each model (the default, each variant) keeps its own compiled decode step."""
 
 import gc
 import threading
