@@ -313,7 +313,8 @@ def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int,
     check_variants(variants)
     if BASELINE in variants:
         raise SystemExit(f"{BASELINE} is plain transformers, not a pipeline the service can serve")
-    server_env = {k: v for k, v in os.environ.items() if k not in env_names()}
+    pipeline_vars = env_names()
+    server_env = {k: v for k, v in os.environ.items() if k not in pipeline_vars}
     records = []
     for name in variants:
         plain = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
