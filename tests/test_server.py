@@ -90,9 +90,9 @@ def test_image_as_data_uri_and_as_http_url(tiny_server, http_files):
 
 
 def test_streaming_yields_ordered_output_events(tiny_server):
-    response = requests.post(f"{tiny_server.url}/predictions", stream=True, timeout=120,
-                             headers={"Accept": "text/event-stream"},
-                             json={"input": {"prompt": "Hello", "max_new_tokens": 12, "temperature": 0}})
+    response = tiny_server.post({"input": {"prompt": "Hello", "max_new_tokens": 12, "temperature": 0}},
+                                headers={"Accept": "text/event-stream"}, timeout=120, stream=True)
+    assert response.status_code == 200, response.text
     events = []
     for block in response.text.split("\n\n"):
         lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
@@ -153,10 +153,9 @@ def test_bad_files_and_prompts_fail_clearly_and_the_server_keeps_serving(tiny_se
 def test_cancel_stops_generation_and_frees_the_server(tiny_server, http_files):
     base, files = http_files
     started = time.monotonic()
-    response = requests.post(f"{tiny_server.url}/predictions", timeout=30,
-                             headers={"Prefer": "respond-async"},
-                             json={"id": "long-one", "webhook": f"{base}/hook", "webhook_events_filter": ["completed"],
-                                   "input": {"prompt": "Tell me everything.", "max_new_tokens": 4000}})
+    response = tiny_server.post({"id": "long-one", "webhook": f"{base}/hook", "webhook_events_filter": ["completed"],
+                                 "input": {"prompt": "Tell me everything.", "max_new_tokens": 4000}},
+                                headers={"Prefer": "respond-async"}, timeout=30)
     assert response.status_code == 202, response.text
     time.sleep(2)
     assert requests.post(f"{tiny_server.url}/predictions/long-one/cancel", timeout=30).status_code == 200
