@@ -44,6 +44,21 @@ WARMUP_PROMPT = "Describe the weather on a quiet autumn morning, in a few words.
 OWN_GRAPHS = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
+def step_compile_options(mode: str) -> dict:
+    """torch.compile's arguments for a model's decode step, beyond the function and backend.
+
+    With its own graphs, a step only ever runs its own model, and the model is not changed
+    once its step is compiled (a variant is a new model): dynamo's guards on the modules'
+    attributes and parameters (4,775 of the 270M step's 5,161) then only cost time, 1.3 ms of a 16 ms
+    step, so they are dropped. torch takes either ``mode`` or ``options``: the mode is passed
+    as the options it stands for. Where models share one cache (no ``isolate_recompiles``),
+    those guards are what tells their graphs apart, and they stay."""
+    if not OWN_GRAPHS:
+        return {"mode": mode}
+    return {"options": {**torch._inductor.list_mode_options(mode),
+                        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}, **OWN_GRAPHS}
+
+
 class DecodeCache(StaticCache):
     """The static KV cache of the compiled decode step: ``max_cache_len`` positions in every
     layer (no sliding layers, see above)."""
@@ -116,8 +131,8 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # shared, the service's variants (a new graph for each weight format and each compacted
     # width) would exhaust dynamo's limit of 8 graphs, after which a new variant's compile
     # fails (fullgraph). With its own graphs, a model compiles its step once and keeps it.
-    loaded.decode_step = torch.compile(model.__call__, fullgraph=True, backend=config.backend, mode=config.mode,
-                                       **OWN_GRAPHS)
+    loaded.decode_step = torch.compile(model.__call__, fullgraph=True, backend=config.backend,
+                                       **step_compile_options(config.mode))
     kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"]
