@@ -41,7 +41,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes th
 WARMUP_PROMPT = "Describe the weather on a quiet autumn morning, in a few words."
 # Each model's decode step keeps its own compiled graphs (see compile_decode). torch before
 # 2.13 may lack the option (the GPU machines lent here run 2.11): there they share one cache.
-OWN_GRAPHS = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+OWN_GRAPHS = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 def step_compile_options(mode: str) -> dict:
@@ -55,8 +55,8 @@ def step_compile_options(mode: str) -> dict:
     those guards are what tells their graphs apart, and they stay."""
     if not OWN_GRAPHS:
         return {"mode": mode}
-    return {"options": {**torch._inductor.list_mode_options(mode),
-                        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}, **OWN_GRAPHS}
+    return {"isolate_recompiles": True, "options": {**torch._inductor.list_mode_options(mode),
+                                                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
 
 
 class DecodeCache(StaticCache):
