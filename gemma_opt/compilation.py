@@ -22,6 +22,7 @@ vision encoder's layers, run once per image, can be compiled regionally (``visio
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -32,7 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .config import CompileConfig
 from .filtering import VISION_TOWER, repeated_blocks
-from .generation import SamplingParams, generate_text
+from .generation import SamplingParams, generate_text, next_token_logits
 from .int8_gemv import use_int8_gemv
 from .models import LoadedModel
 
@@ -131,7 +132,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # shared, the service's variants (a new graph for each weight format and each compacted
     # width) would exhaust dynamo's limit of 8 graphs, after which a new variant's compile
     # fails (fullgraph). With its own graphs, a model compiles its step once and keeps it.
-    loaded.decode_step = torch.compile(model.__call__, fullgraph=True, backend=config.backend,
+    loaded.decode_step = torch.compile(functools.partial(next_token_logits, model), fullgraph=True, backend=config.backend,
                                        **step_compile_options(config.mode))
     kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
