@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,11 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     else:
         cache, decode_masks = DynamicCache(config=model.config), lambda position: None
         forward = functools.partial(next_token_logits, model)
+    # On a GPU the next step is queued before this token is read, so the host's work for a
+    # token (dynamo's guards, launching the step or replaying its CUDA graph, detokenizing)
+    # runs while the GPU computes instead of between steps; on a CPU that work is the same
+    # thread's, and queuing first would only add a step after the last token.
+    ahead = model.device.type == "cuda"
     pick = _sampler(params)
     eos = set(loaded.eos_token_ids) if params.stop_at_eos else set()
     text = _TextDecoder(loaded.tokenizer)
@@ -117,19 +122,37 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
         try:
             for step in range(params.max_new_tokens):
                 token = pick(logits, greedy)
-                token_id = int(token)
+                read = _read_later(token)
+                more = step + 1 < params.max_new_tokens
+                if ahead and more:
+                    logits, greedy = decode(token, step)
+                token_id = read()
                 times.append(time.perf_counter())
                 if token_id in eos:
                     break
                 piece = text.add(token_id)
                 if piece:
                     yield piece
-                if step + 1 < params.max_new_tokens:
+                if more and not ahead:
                     logits, greedy = decode(token, step)
             if rest := text.flush():
                 yield rest
         finally:
             stats.record(start, times)
+
+
+def _read_later(token: torch.Tensor) -> Callable[[], int]:
+    """What returns ``int(token)``. On a GPU the copy to the host is queued now and then only
+    it is waited for: ``int(token)`` would also wait for whatever was queued after it."""
+    if token.device.type != "cuda":
+        return lambda: int(token)
+    on_host, copied = token.to("cpu", non_blocking=True), torch.cuda.Event()  # into pinned memory
+    copied.record()
+
+    def read() -> int:
+        copied.synchronize()
+        return int(on_host)
+    return read
 
 
 def _sampler(params: SamplingParams):

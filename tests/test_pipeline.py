@@ -17,6 +17,7 @@ from gemma_opt.pruning import prune
 from gemma_opt.quantization import expected_int8_bytes, quantize, weight_bytes
 
 NEEDS_AVX512 = pytest.mark.skipif(not int8_gemv_supported("cpu"), reason="the INT8 GEMV kernel needs AVX-512")
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_default_filter_map_is_the_decoder_linears(tiny):
@@ -149,15 +150,17 @@ def test_grouped_attention_equals_transformers_eager_attention(kv_heads):
                                expected)
 
 
-def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets():
-    tiny = load_model("tiny-random", dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
+# On a GPU: CUDA graphs, whose outputs each run overwrites, and the next step queued before a token is read.
+@pytest.mark.parametrize("device, mode", [("cpu", "default"), pytest.param("cuda", "reduce-overhead", marks=ON_GPU)])
+def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets(device, mode):
+    tiny = load_model("tiny-random", device, dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
     prompt = "Count the apples on the table, one by one. " * 5  # 50+ tokens; window 64, 40 more generated
     greedy = SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=False)
     eager = generate_text(tiny, prompt, params=greedy)  # transformers' dynamic cache, sliding layers keep 64
     before = compile_counters().get("unique_graphs", 0)
-    # kv_bucket 32: the decode masks grow from 64 to 96 to 128 positions on the way
-    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "quant": {"mode": "none"},
-                                             "compile": {"kv_bucket": 32}}))
+    # kv_bucket 32: the decode masks grow from 64 to 96 to 128 positions on the way (CPU; CUDA graphs read all)
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "device": device,
+                                             "quant": {"mode": "none"}, "compile": {"kv_bucket": 32, "mode": mode}}))
     assert compile_counters().get("unique_graphs", 0) - before == 1  # first step, second step, any length
     assert generate_text(tiny, prompt, params=greedy) == eager
     assert compile_counters().get("unique_graphs", 0) - before == 1
