@@ -92,15 +92,18 @@ def test_wanda_beats_magnitude_at_2_4(table):
 def test_owl_keeps_more_where_the_outliers_are_and_costs_nothing_against_uniform_wanda_at_70_percent(table, monkeypatch):
     """OWL's gain over uniform ratios at 70% depends on the CPU (the bf16 calibration's numerics):
     411 vs 450 on an AMD EPYC VM, 449 vs 443 on an Intel Xeon one. What holds on both is the
-    direction: the mirrored allocation (more pruning where the outliers are) is worse (473 there)."""
+    direction: the mirrored allocation (more pruning where the outliers are) is worse (470 there)."""
     rows, _ = table
     owl = rows[("owl-wanda", 0.7, INT8)]
     assert owl < 1.05 * rows[("wanda", 0.7, INT8)]
-    mirrored = lambda shares, target, lam: {k: 2 * target - r for k, r in pruning.owl_allocation(shares, target, lam).items()}
+    allocate = pruning.owl_allocation
+    mirrored = lambda shares, target, lam: {k: 2 * target - r for k, r in allocate(shares, target, lam).items()}
     monkeypatch.setattr(pruning, "owl_allocation", mirrored)
     loaded, _, report = pruned("owl-wanda", 0.7, INT8)
     assert report.prune.overall == pytest.approx(0.7, abs=0.01)
-    assert owl < perplexity(loaded.model, loaded.tokenizer)
+    worse = perplexity(loaded.model, loaded.tokenizer)
+    print(f"owl-wanda 0.7: {owl:.2f}, mirrored: {worse:.2f}, uniform wanda: {rows[('wanda', 0.7, INT8)]:.2f}")
+    assert owl < worse
 
 
 def test_quality_degrades_with_sparsity(table):
