@@ -122,7 +122,7 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
         try:
             for step in range(params.max_new_tokens):
                 token = pick(logits, greedy)
-                read = _read_later(token)
+                read = _read_later(token) if ahead else token.item
                 more = step + 1 < params.max_new_tokens
                 if ahead and more:
                     logits, greedy = decode(token, step)
@@ -142,10 +142,8 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
 
 
 def _read_later(token: torch.Tensor) -> Callable[[], int]:
-    """What returns ``int(token)``. On a GPU the copy to the host is queued now and then only
-    it is waited for: ``int(token)`` would also wait for whatever was queued after it."""
-    if token.device.type != "cuda":
-        return lambda: int(token)
+    """What returns ``int(token)`` for a token on a GPU: the copy to the host is queued now and
+    then only it is waited for; ``int(token)`` would also wait for whatever was queued after it."""
     on_host, copied = token.to("cpu", non_blocking=True), torch.cuda.Event()  # into pinned memory
     copied.record()
 
