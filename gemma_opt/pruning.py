@@ -402,33 +402,36 @@ def reconstruct(dense: Tensor, mask: Tensor, hinv: Tensor, block: int = 128) -> 
 
     ``hinv`` is :func:`inverse_hessian_factor` of X X^T / n from calibration inputs.
     This is SparseGPT's update with the mask given rather than chosen: each pruned
-    weight's error is spread over the not-yet-visited columns of its row.
+    weight's error is spread over the not-yet-visited columns of its row. The sweep is a
+    Python loop over columns, so a stack of same-shape matrices (a leading dimension, each
+    with its own ``hinv``) is swept in one loop: the 270M's 18 layers at once, not one by one.
     """
     w = dense.float().clone()
-    maskf = mask.float()
-    cols = w.shape[1]
+    cols = w.shape[-1]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1, m1, hinv1 = w[:, i1:i2].clone(), maskf[:, i1:i2], hinv[i1:i2, i1:i2]
+        # The block's columns as rows, so each update runs along the matrix's rows (long vectors).
+        w1, hinv1 = w[..., i1:i2].mT.contiguous(), hinv[..., i1:i2, i1:i2]
+        scale = mask[..., i1:i2].mT / hinv1.diagonal(dim1=-2, dim2=-1)[..., None]  # pruned: 1 / hinv_ii
         err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
-            err = w1[:, i] * m1[:, i] / hinv1[i, i]
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
-            err1[:, i] = err
-        w[:, i1:i2] = w1.masked_fill_(m1.bool(), 0)
-        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+            err = torch.mul(w1[..., i, :], scale[..., i, :], out=err1[..., i, :])
+            w1[..., i:, :].addcmul_(hinv1[..., i, i:, None], err[..., None, :], value=-1)
+        w[..., i1:i2] = w1.mT.masked_fill_(mask[..., i1:i2], 0)
+        w[..., i2:] -= err1.mT @ hinv[..., i1:i2, i2:]
     return w.to(dense.dtype)
 
 
 @torch.no_grad()
 def input_hessians(model: nn.Module, modules: dict[str, nn.Linear], batches: list[Tensor]) -> dict[str, Tensor]:
-    """X X^T / n of each module's inputs over the calibration batches (hooks; no activations kept)."""
-    sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    """X X^T / n of each module's inputs over the calibration batches (hooks; no activations kept),
+    on the module's device."""
+    sums = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in modules.items()}
     counts = dict.fromkeys(modules, 0)
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sums[name].addmm_(x.T, x)
             counts[name] += x.shape[0]
         return fn
@@ -458,16 +461,24 @@ def calibration_batches(tokenizer, config: PruneConfig, seq_len: int = 512) -> l
 
 def _gradual(model: nn.Module, modules: dict[str, nn.Linear], config: PruneConfig, batches: list[Tensor],
              hessian_budget_bytes: int) -> list[str]:
-    """Gradual pruning with reconstruction, in groups of modules whose Hessians fit the budget."""
+    """Gradual pruning with reconstruction, in groups of modules whose Hessians fit the budget;
+    within a group, modules of one shape are reconstructed as one stack."""
     unrecovered: list[str] = []
     for group in _groups(modules, hessian_budget_bytes):
-        factors = {n: inverse_hessian_factor(h) for n, h in input_hessians(model, group, batches).items()}
-        unrecovered += [n for n in group if n not in factors]
-        dense = {n: m.weight.detach().cpu().clone() for n, m in group.items()}
+        hessians = input_hessians(model, group, batches)
+        unrecovered += [n for n in group if n not in hessians]
+        stacks: dict[torch.Size, list[str]] = {}
+        for n in hessians:
+            stacks.setdefault(group[n].weight.shape, []).append(n)
+        dense = {shape: torch.stack([group[n].weight.detach() for n in names]) for shape, names in stacks.items()}
+        factors = {shape: torch.stack([inverse_hessian_factor(hessians.pop(n)) for n in names])
+                   for shape, names in stacks.items()}
 
-        def recover(masks, group=group, factors=factors, dense=dense):
-            for n, hinv in factors.items():
-                group[n].weight.copy_(reconstruct(dense[n], masks[n].cpu(), hinv))
+        def recover(masks, stacks=stacks, dense=dense, factors=factors, group=group):
+            for shape, names in stacks.items():
+                mask = torch.stack([masks[n] for n in names])
+                for n, w in zip(names, reconstruct(dense[shape], mask, factors[shape])):
+                    group[n].weight.copy_(w)
 
         pruner = GradualPruner(group, config.target_ratio, config.steps, recover=recover)
         for _ in range(config.steps):
