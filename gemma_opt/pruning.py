@@ -467,17 +467,17 @@ def _gradual(model: nn.Module, modules: dict[str, nn.Linear], config: PruneConfi
     for group in _groups(modules, hessian_budget_bytes):
         hessians = input_hessians(model, group, batches)
         unrecovered += [n for n in group if n not in hessians]
-        stacks: dict[torch.Size, list[str]] = {}
+        by_shape: dict[torch.Size, list[str]] = {}
         for n in hessians:
-            stacks.setdefault(group[n].weight.shape, []).append(n)
-        dense = {shape: torch.stack([group[n].weight.detach() for n in names]) for shape, names in stacks.items()}
-        factors = {shape: torch.stack([inverse_hessian_factor(hessians.pop(n)) for n in names])
-                   for shape, names in stacks.items()}
+            by_shape.setdefault(group[n].weight.shape, []).append(n)
+        stacks = []  # (names, their dense weights, their inverse Hessian factors), one per shape
+        for names in by_shape.values():
+            factors = torch.stack([inverse_hessian_factor(hessians.pop(n)) for n in names])  # frees each Hessian
+            stacks.append((names, torch.stack([group[n].weight.detach() for n in names]), factors))
 
-        def recover(masks, stacks=stacks, dense=dense, factors=factors, group=group):
-            for shape, names in stacks.items():
-                mask = torch.stack([masks[n] for n in names])
-                for n, w in zip(names, reconstruct(dense[shape], mask, factors[shape])):
+        def recover(masks, stacks=stacks, group=group):
+            for names, dense, factors in stacks:
+                for n, w in zip(names, reconstruct(dense, torch.stack([masks[n] for n in names]), factors)):
                     group[n].weight.copy_(w)
 
         pruner = GradualPruner(group, config.target_ratio, config.steps, recover=recover)
