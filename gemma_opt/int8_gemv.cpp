@@ -2,23 +2,17 @@
 // with AVX-512. Built and explained by int8_gemv.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "avx512.h"
 
 namespace {
+
+using gemma_opt::load16;
 
 constexpr int64_t ROWS = 4;  // weight rows per step: four streams share each load of x
 // Bytes ahead of the read position that each row prefetches into L2. Without it the hardware
 // prefetcher left the kernel at ATen's read rate; with 32 KB and more it reads as fast as a
 // plain sum (measured over 8-16 KB rows of 600 MB of weights: scripts/int8_gemv_bench.py).
 constexpr int64_t PREFETCH_BYTES = 32768;
-
-// 16 activations as fp32, converted in registers (a separate conversion to fp32 cost a
-// dispatched op per call: ~10 us, 6% of a 270M decode step).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
 // Dot products of `rows` weight rows (int8, K apart) with x, times their scales.
 template <int64_t rows, typename scalar_t>

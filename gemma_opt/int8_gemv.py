@@ -13,8 +13,10 @@ kernel does the same on a GPU (not yet measured on one; see its module).
 ``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` on a supported device for ``Int8GemvLinear``:
 the same torchao weight (and parameter names), with a decoded token (one row) sent to the
 kernel and longer inputs (prefill, images) to torchao as before. The CPU kernel is compiled
-on first use with the C++ compiler inductor already needs (about 30 s, then cached by torch
-in ``TORCH_EXTENSIONS_DIR``); the CUDA one by Triton, which comes with CUDA builds of torch.
+on first use with the C++ compiler inductor already needs (about 35 s, then cached by torch
+in ``TORCH_EXTENSIONS_DIR``), in one extension with our CPU decode-attention kernel
+(``decode_attention.cpp``, used by compilation.py); the CUDA one by Triton, which comes with
+CUDA builds of torch.
 """
 
 from __future__ import annotations
@@ -49,21 +51,32 @@ def kernel(device_type: str):
     if device_type == "cuda":
         importlib.import_module(".int8_gemv_cuda", __package__)  # registers the op (imports Triton)
         return torch.ops.gemma_opt.int8_gemv_cuda
+    return cpu_ops().int8_gemv
+
+
+@cache
+def cpu_ops():
+    """Our CPU ops, built (first time) as one extension and registered: ``gemma_opt::int8_gemv``
+    and ``gemma_opt::decode_attention`` (decode_attention.cpp, used by compilation.py)."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # the pinned `ninja` wheel puts its binary beside the package
         import ninja
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ['PATH']}"
-    load(name="gemma_opt_int8_gemv", sources=[str(SOURCE)], is_python_module=False,
-         extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"],
+    load(name="gemma_opt_cpu_kernels", sources=[str(SOURCE), str(SOURCE.with_name("decode_attention.cpp"))],
+         is_python_module=False, extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"],
          extra_ldflags=["-fopenmp"])
 
     @torch.library.register_fake("gemma_opt::int8_gemv")
     def _(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
-    return torch.ops.gemma_opt.int8_gemv
+    @torch.library.register_fake("gemma_opt::decode_attention")
+    def _(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
+
+    return torch.ops.gemma_opt
 
 
 def int8_gemv(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:

@@ -94,13 +94,14 @@ def test_int8_head_is_one_shared_table_and_keeps_the_logits(tiny):
 
 
 @pytest.mark.parametrize("int8_gemv", [pytest.param(True, marks=NEEDS_AVX512), False])
-def test_compiled_int8_decode_runs_one_fused_int8_kernel_per_linear(tiny, int8_gemv):
+def test_compiled_int8_decode_runs_one_int8_kernel_per_linear_and_our_attention_kernel(tiny, int8_gemv):
     from torch._dynamo.utils import counters
     from torch.profiler import profile
 
     torch._dynamo.reset()  # compile from scratch: graphs of earlier tests may be reused otherwise
     before = counters["inductor"]["woq_matcher_count"]
-    config = {"model": "tiny-random", "quant": {"head": True}, "compile": {"int8_gemv": int8_gemv}}
+    config = {"model": "tiny-random", "quant": {"head": True},
+              "compile": {"int8_gemv": int8_gemv, "decode_attention": int8_gemv}}  # our kernels, or none
     # inductor's caches would skip the lowering for graphs earlier tests already compiled
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         report = optimize(tiny, PipelineConfig.validated(config))
@@ -111,9 +112,12 @@ def test_compiled_int8_decode_runs_one_fused_int8_kernel_per_linear(tiny, int8_g
     if int8_gemv:  # ours in the four decode steps after the prefill's token, and the prefill's head (one row)
         assert f"INT8 GEMV kernel ({linears} linears)" in report.compiled
         assert calls["gemma_opt::int8_gemv"] == 4 * linears + 1 and "aten::_weight_int8pack_mm" not in calls
+        assert "CPU decode-attention kernel" in report.compiled
+        assert calls["gemma_opt::decode_attention"] == 4 * 4  # each layer of the four decode steps
     else:  # inductor rewrote torchao's int8 weight-only linears into ATen's kernel
         assert counters["inductor"]["woq_matcher_count"] - before >= linears
         assert calls["aten::_weight_int8pack_mm"] == 4 * linears and "gemma_opt::int8_gemv" not in calls
+        assert "gemma_opt::decode_attention" not in calls
 
 
 @NEEDS_AVX512
