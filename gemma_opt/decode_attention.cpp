@@ -33,10 +33,19 @@ void with_heads(int64_t nh, F f) {
   }
 }
 
+constexpr int64_t AHEAD = 8;    // K rows prefetched ahead of the one being read
+
+inline void prefetch(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
 // s[j][i] = q_j · k_i + mask_i for NH query heads (fp32, scaled) and the chunk's n K rows.
 template <int NH, typename scalar_t>
-void scores(const scalar_t* k, int64_t k_stride, int64_t n, const float* q, int64_t D, const scalar_t* mask, float* s) {
+void scores(const scalar_t* k, int64_t k_stride, int64_t n, const float* q, int64_t D, const scalar_t* mask, float* s,
+            const scalar_t* v, int64_t v_stride) {
   for (int64_t i = 0; i < n; ++i) {
+    prefetch(k + (i + AHEAD) * k_stride, D * sizeof(scalar_t));
+    prefetch(v + i * v_stride, D * sizeof(scalar_t));
     __m512 acc[NH][2];
     for (int j = 0; j < NH; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
@@ -95,7 +104,7 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
       const float* qg = q.data() + (b * H + g * heads) * D;
       float* p = partial.data() + item * heads * stride;
       for (int64_t h = 0; h < heads; h += HEADS)
-        with_heads(heads - h, [&](auto nh) { scores<nh>(k, key.stride(2), n, qg + h * D, D, m, s.data() + h * CHUNK); });
+        with_heads(heads - h, [&](auto nh) { scores<nh>(k, key.stride(2), n, qg + h * D, D, m, s.data() + h * CHUNK, v, value.stride(2)); });
       for (int64_t h = 0; h < heads; ++h) {
         float* sh = s.data() + h * CHUNK;
         const float top = *std::max_element(sh, sh + n);
