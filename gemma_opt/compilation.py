@@ -117,8 +117,8 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
     """``grouped_attention``, with a decoded token's (one query position) on our CPU kernel
     (decode_attention.cpp): K and V read once, in fp32, on both cores even with one KV head.
-    ATen's two bmm calls per layer took ~100 us each on the 270M's 256-position bucket
-    (12% of a decode step) and ran at a third of the memory's rate on the 4B's longer ones."""
+    ATen's two bmm calls a layer took ~100 us each on the 270M's 256-position bucket (12% of
+    a decode step); ours is 2.1-3.8x faster a layer (scripts/decode_attention_bench.py)."""
     if (query.shape[2] != 1 or softcap is not None or query.shape[-1] % 32
             or (attention_mask is not None and attention_mask.dtype != query.dtype)):
         return grouped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
