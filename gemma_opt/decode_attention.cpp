@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #include "avx512.h"
@@ -93,7 +94,8 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
   const scalar_t* qp = query.data_ptr<scalar_t>();
   for (int64_t i = 0; i < B * H * D; ++i) q[i] = static_cast<float>(qp[i]) * static_cast<float>(scale);
   const scalar_t *kp = key.data_ptr<scalar_t>(), *vp = value.data_ptr<scalar_t>();
-  std::vector<float> partial(B * G * chunks * heads * stride);
+  // Every value is written by its item before the combine reads it: not zero-filled first.
+  const std::unique_ptr<float[]> partial(new float[B * G * chunks * heads * stride]);
 
   at::parallel_for(0, B * G * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(heads * CHUNK);  // scores, then softmax numerators
@@ -104,7 +106,7 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
       const scalar_t* v = vp + b * value.stride(0) + g * value.stride(1) + l0 * value.stride(2);
       const scalar_t* m = mask == nullptr ? nullptr : mask + (mask_rows == 1 ? 0 : b) * L + l0;
       const float* qg = q.data() + (b * H + g * heads) * D;
-      float* p = partial.data() + item * heads * stride;
+      float* p = partial.get() + item * heads * stride;
       for (int64_t h = 0; h < heads; h += HEADS)
         with_heads(heads - h, [&](auto nh) { scores<nh>(k, key.stride(2), n, qg + h * D, D, m, s.data() + h * CHUNK, v, value.stride(2)); });
       for (int64_t h = 0; h < heads; ++h) {
@@ -126,7 +128,7 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
   std::vector<float> acc(D);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      const float* first = partial.data() + ((b * G + h / heads) * chunks * heads + h % heads) * stride;
+      const float* first = partial.get() + ((b * G + h / heads) * chunks * heads + h % heads) * stride;
       float top = -INFINITY, sum = 0.f;
       for (int64_t c = 0; c < chunks; ++c) top = std::max(top, first[c * heads * stride]);
       std::fill(acc.begin(), acc.end(), 0.f);
