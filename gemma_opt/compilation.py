@@ -16,8 +16,10 @@ with the same shapes and no Python state, for any prompt length and ``max_new_to
 So that a short request does not read the whole cache, the decode loop passes masks over
 the first positions only, rounded up to ``kv_bucket``, with that length marked dynamic:
 still one graph (measured on the 270M: a step reading 256 positions instead of 2048 is
-17% faster). Modes with CUDA graphs keep one static shape and read the whole cache. The
-vision encoder's layers, run once per image, can be compiled regionally (``vision``).
+17% faster). On a GPU the step keeps one static shape and reads the whole cache: CUDA
+graphs need it, and in plain compile mode inductor specialised the dynamic length on the
+one GPU tried (H200, torch 2.11: a ConstraintViolationError in the warm-up). The vision
+encoder's layers, run once per image, can be compiled regionally (``vision``).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # fails (fullgraph). With its own graphs, a model compiles its step once and keeps it.
     loaded.decode_step = torch.compile(functools.partial(next_token_logits, model), fullgraph=True, backend=config.backend,
                                        **step_compile_options(config.mode))
-    kv_bucket = None if config.mode in CUDA_GRAPH_MODES else config.kv_bucket
+    kv_bucket = config.kv_bucket if model.device.type == "cpu" and config.mode not in CUDA_GRAPH_MODES else None
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"] + (["CPU decode-attention kernel"] if attention == DECODE_ATTENTION else [])
     if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512, CUDA with Triton

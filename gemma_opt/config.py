@@ -132,7 +132,7 @@ class CompileConfig(_Section):
     cache_len: int = Field(2048, ge=64, le=1 << 17, description="static KV cache positions for the compiled decode "
                            "step; a request needing more (prompt + max_new_tokens) decodes eagerly")
     kv_bucket: int = Field(256, ge=16, description="the decode step reads the cache's first positions in "
-                           "multiples of this, not all cache_len (CUDA-graph modes read all: one static shape)")
+                           "multiples of this, not all cache_len (on CPU; GPUs read all: one static shape)")
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
     int8_gemv: bool = Field(True, description="the decode step's INT8 linears run on gemma_opt's GEMV kernels "
                             "(int8_gemv.py; CPUs with AVX-512, CUDA GPUs with Triton) instead of torchao's path")

@@ -8,7 +8,7 @@ at 23 GB/s (89% of a decode step, ``python -m gemma_opt profile``) on a machine 
 plain sum reads 30+. Ours reads four rows at a time and prefetches each 32 KB ahead into
 L2; it reads at 79-100% of the sum's rate (``scripts/int8_gemv_bench.py``). It computes in fp32 and
 rounds once, where ATen's path rounds the product to bf16 before scaling it. The CUDA
-kernel does the same on a GPU (not yet measured on one; see its module).
+kernel does the same on a GPU (see its module).
 
 ``use_int8_gemv(model)`` swaps each INT8 ``nn.Linear`` on a supported device for ``Int8GemvLinear``:
 the same torchao weight (and parameter names), with a decoded token (one row) sent to the
