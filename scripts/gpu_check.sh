@@ -83,7 +83,6 @@ fi
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
-export TRITON_PRINT_AUTOTUNING=1  # the tiling picked for each matrix shape, in the bench log
 variants=${VARIANTS-int8-head-compile,bf16-compile}  # VARIANTS= (empty) skips this step
 if [[ -n "$variants" ]]; then
     step bench_4b_gpu.log ${BENCH_TIMEOUT:-330} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
