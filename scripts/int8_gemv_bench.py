@@ -21,7 +21,9 @@ from torchao.quantization import Int8Tensor
 from gemma_opt.int8_gemv import int8_gemv
 
 SHAPES = {"q_proj": (2048, 2560), "k/v_proj": (1024, 2560), "o_proj": (2560, 2048), "gate/up_proj": (10240, 2560),
-          "down_proj": (2560, 10240), "lm_head": (262144, 2560)}
+          "down_proj": (2560, 10240), "lm_head": (262144, 2560),
+          # not in the model: q, k and v as one matrix, gate and up as one (would one read of each be faster?)
+          "qkv_fused": (4096, 2560), "gate_up_fused": (20480, 2560)}
 
 
 def torchao_compiled(device: str, x, scale):
@@ -69,11 +71,13 @@ def tiling_rates(rows: int, cols: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    device = parser.parse_args().device
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {', '.join(SHAPES)}")
+    args = parser.parse_args()
+    device, shapes = args.device, {name: SHAPES[name] for name in args.shapes.split(",")}
     torch.manual_seed(0)
     names = ["torchao", "ours", "sum"] + (["bf16"] if device == "cuda" else [])
     print(f"{'matrix':>13} {'out x in':>13}   GB/s: " + " ".join(f"{n:>7}" for n in names) + "   ours/torchao")
-    for name, (rows, cols) in SHAPES.items():
+    for name, (rows, cols) in shapes.items():
         count = max(1, 600_000_000 // (rows * cols))
         weights = [torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device=device) for _ in range(count)]
         scale = torch.rand(rows, dtype=torch.bfloat16, device=device) / 64
