@@ -143,8 +143,9 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # (measured on the 270M, 40% of a step); plain matmul-softmax attention fuses into the
     # compiled graph instead, and on CPUs with AVX-512 a decoded token's runs on our kernel.
     # Prefill is eager and short, so it pays little for this.
+    on_cpu = model.device.type == "cpu"
     attention = ATTENTION
-    if config.decode_attention and model.device.type == "cpu" and supported("cpu"):
+    if config.decode_attention and on_cpu and supported("cpu"):
         cpu_ops()  # built now, not while the step is traced
         attention = DECODE_ATTENTION
     text_only = model.config.get_text_config() is model.config
@@ -155,7 +156,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     # fails (fullgraph). With its own graphs, a model compiles its step once and keeps it.
     loaded.decode_step = torch.compile(functools.partial(next_token_logits, model), fullgraph=True, backend=config.backend,
                                        **step_compile_options(config.mode))
-    kv_bucket = config.kv_bucket if model.device.type == "cpu" and config.mode not in CUDA_GRAPH_MODES else None
+    kv_bucket = config.kv_bucket if on_cpu and config.mode not in CUDA_GRAPH_MODES else None
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
     compiled = ["decode step"] + (["CPU decode-attention kernel"] if attention == DECODE_ATTENTION else [])
     if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512, CUDA with Triton

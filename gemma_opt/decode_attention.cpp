@@ -165,16 +165,10 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   }
   const at::Tensor q = query.reshape({B, H, D}).contiguous();
   at::Tensor out = at::empty({B, 1, H, D}, query.options());
-  const auto run = [&](auto zero) {
+  gemma_opt::dispatch_float(query.scalar_type(), "decode_attention: query", [&](auto zero) {
     using scalar_t = decltype(zero);
     attend<scalar_t>(q, key, value, mask ? rows.data_ptr<scalar_t>() : nullptr, mask ? rows.size(0) : 1, L, scale, out);
-  };
-  switch (query.scalar_type()) {
-    case at::kBFloat16: run(at::BFloat16(0)); break;
-    case at::kHalf: run(at::Half(0)); break;
-    case at::kFloat: run(0.f); break;
-    default: TORCH_CHECK(false, "decode_attention: bfloat16, float16 or float32 expected, got ", query.scalar_type());
-  }
+  });
   return out;
 }
 

@@ -63,12 +63,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
   const at::Tensor w = weight.contiguous(), s = scale.reshape({N}).to(at::kFloat).contiguous();
-  switch (x.scalar_type()) {
-    case at::kBFloat16: gemv_rows<at::BFloat16>(rows, w, s, y); break;
-    case at::kHalf: gemv_rows<at::Half>(rows, w, s, y); break;
-    case at::kFloat: gemv_rows<float>(rows, w, s, y); break;
-    default: TORCH_CHECK(false, "int8_gemv: x must be bfloat16, float16 or float32, got ", x.scalar_type());
-  }
+  gemma_opt::dispatch_float(x.scalar_type(), "int8_gemv: x", [&](auto zero) { gemv_rows<decltype(zero)>(rows, w, s, y); });
   return y;
 }
 
