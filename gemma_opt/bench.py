@@ -114,8 +114,11 @@ def set_up_variant(model: str, variant: str) -> tuple[LoadedModel, str, dict[str
     return loaded, resolve_device(config.device), setup
 
 
-def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """Set up one variant and time greedy decoding; runs in its own process."""
+def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int,
+                profile_top: int = 0) -> dict:
+    """Set up one variant and time greedy decoding; runs in its own process. With
+    ``profile_top``, a pipeline variant's decode step is then profiled too (``profile_steps``),
+    the same compiled step, so on a GPU its CUDA graphs, without a second compile."""
     loaded, device, setup = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
@@ -134,12 +137,15 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
         else:  # right after each timed run: this VM's bandwidth drifts by the minute
             bandwidths.append(measure_bandwidth(device))
     runs = runs[1:]
-    return {"variant": variant, "model": model, "device": device, "setup_s": sum(setup.values()),
+    record = {"variant": variant, "model": model, "device": device, "setup_s": sum(setup.values()),
             "setup_stages_s": setup, "ttft_s": statistics.median(r.ttft_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
             "weight_bytes": weight_bytes(loaded.model), "decode_bytes_per_token": decode_bytes(loaded.model),
             "peak_memory_bytes": peak, "bandwidth_bytes_per_s": max(bandwidths),
             "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+    if profile_top and VARIANTS[variant] is not None:
+        record["profile"] = profile_steps(loaded, device, inputs, params, profile_top)
+    return record
 
 
 class _TokenTimes(BaseStreamer):
@@ -168,40 +174,70 @@ def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationS
     stats.record(start, streamer.times)
 
 
-def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:
-    """Where the decode steps' time goes for one variant (torch.profiler from the first
-    generated token on, so the eager prefill is left out), per step, as self time on the
-    device that runs the kernels; and the rate at which the INT8 GEMV kernel reads the
-    weights, against the measured bandwidth."""
+def profile_steps(loaded: LoadedModel, device: str, inputs: dict, params: SamplingParams, top: int) -> dict:
+    """One greedy generation under torch.profiler from its first token on (the eager prefill
+    left out). Per decode step: the time the device that runs the kernels is busy (GPU kernels,
+    CUDA-graph replays included; or the CPU's ops, self time), the wall time, on a GPU the
+    number of kernels and the host's op time, and the ``top`` kernels or ops by self time.
+    Busy well under wall means gaps between kernels (launches, Python); near it, the kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    stats = GenerationStats()
+    tokens = stream(loaded, inputs, params, stats)
+    next(tokens)  # prefill and the first token
+    on_gpu = device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in tokens:
+            pass
+    averages = prof.key_averages()
+    steps = sum(e.count for e in averages if e.key.startswith("Torch-Compiled Region")) or params.max_new_tokens - 1
+    if on_gpu:  # the kernels themselves: a CPU op's self device time repeats its kernels'
+        events, self_us = [e for e in averages if e.device_type == DeviceType.CUDA], lambda e: e.self_device_time_total
+    else:
+        events, self_us = list(averages), lambda e: e.self_cpu_time_total
+    events.sort(key=lambda e: -self_us(e))
+    per_step = lambda e: {"name": e.key, "ms": self_us(e) / 1e3 / steps, "calls": e.count / steps}
+    gemv = next((e for e in events if e.key in GEMV_KERNELS), None)
+    return {"steps": steps, "busy_device": "GPU" if on_gpu else "CPU", "tokens_per_s": stats.decode_tokens_per_s,
+            "wall_ms": 1e3 / stats.decode_tokens_per_s, "busy_ms": sum(map(self_us, events)) / 1e3 / steps,
+            "kernels": sum(e.count for e in events) / steps if on_gpu else None,
+            "host_ms": sum(e.self_cpu_time_total for e in averages if e.device_type == DeviceType.CPU) / 1e3 / steps
+            if on_gpu else None,
+            "top": [per_step(e) for e in events[:top]], "int8_gemv": gemv and per_step(gemv)}
+
+
+def profile_lines(variant: str, model: str, p: dict) -> list[str]:
+    """``profile_steps``' record as text: a heading, then one line per kernel or op."""
+    kernels = f", {p['kernels']:.0f} kernels, host ops {p['host_ms']:.2f} ms" if p["kernels"] is not None else ""
+    lines = [f"{variant} on {model}: {p['tokens_per_s']:.2f} tokens/s under the profiler, {p['steps']} decode steps "
+             f"profiled; a step: {p['wall_ms']:.2f} ms, {p['busy_device']} busy {p['busy_ms']:.2f} ms "
+             f"({p['busy_ms'] / p['wall_ms']:.0%}){kernels}; self {p['busy_device']} time per step:"]
+    return lines + [f"  {e['ms']:8.2f} ms  {e['calls']:6.1f} calls  {e['name']}" for e in p["top"]]
+
+
+def profiles(records: list[dict]) -> str:
+    """The profiles ``bench --profile`` recorded, as text after its table."""
+    return "\n\n".join("\n".join(profile_lines(r["variant"], r["model"], r["profile"])) for r in records if "profile" in r)
+
+
+def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:
+    """Where one variant's decode steps spend their time (``profile_steps``, after a warm-up
+    generation), and the rate at which the INT8 GEMV kernel reads the weights, against the
+    measured bandwidth."""
     loaded, device, _ = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
     for _ in stream(loaded, inputs, params):  # caches and allocators warm
         pass
-    stats = GenerationStats()
-    tokens = stream(loaded, inputs, params, stats)
-    next(tokens)  # prefill and the first token
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as prof:
-        for _ in tokens:
-            pass
-
-    def self_us(e):
-        return e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
-
-    events = sorted(prof.key_averages(), key=lambda e: -self_us(e))
-    steps = sum(e.count for e in events if e.key.startswith("Torch-Compiled Region")) or new_tokens - 1
-    lines = [f"{variant} on {model}: {stats.decode_tokens_per_s:.2f} tokens/s under the profiler, "
-             f"{steps} decode steps profiled; self {'GPU' if device == 'cuda' else 'CPU'} time per step:"]
-    lines += [f"  {self_us(e) / 1e3 / steps:8.2f} ms  {e.count / steps:6.1f} calls  {e.key}" for e in events[:top]]
-    gemv = next((e for e in events if e.key in GEMV_KERNELS), None)
-    if gemv is not None:
-        seconds = self_us(gemv) / 1e6 / steps
+    p = profile_steps(loaded, device, inputs, params, top)
+    lines = profile_lines(variant, model, p)
+    if p["int8_gemv"] is not None:
+        seconds = p["int8_gemv"]["ms"] / 1e3
         bandwidth = measure_bandwidth(device)
         rate = decode_bytes(loaded.model) / seconds
-        lines.append(f"INT8 GEMV ({gemv.key}): {seconds * 1e3:.1f} ms a step "
-                     f"({seconds * stats.decode_tokens_per_s:.0%} of it), reading the weights at {rate / 1e9:.1f} GB/s; "
+        lines.append(f"INT8 GEMV ({p['int8_gemv']['name']}): {seconds * 1e3:.1f} ms a step "
+                     f"({seconds * p['tokens_per_s']:.0%} of it), reading the weights at {rate / 1e9:.1f} GB/s; "
                      f"measured bandwidth {bandwidth / 1e9:.1f} GB/s: a step of nothing but these calls "
                      f"would reach {rate / bandwidth:.0%} of the roofline")
     return "\n".join(lines)
@@ -222,17 +258,17 @@ def check_variants(names: list[str]) -> None:
 
 
 def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
-          on_record=None) -> list[dict]:
-    """The baseline, then each variant, each in a fresh process. A variant that fails is
-    recorded with its error and the rest still run; ``on_record(records)`` sees every
-    step, so a run cut short still leaves what it measured."""
+          on_record=None, profile_top: int = 0) -> list[dict]:
+    """The baseline, then each variant, each in a fresh process (``profile_top``: see
+    ``run_variant``). A variant that fails is recorded with its error and the rest still run;
+    ``on_record(records)`` sees every step, so a run cut short still leaves what it measured."""
     names = [BASELINE] + [v for v in variants if v != BASELINE]
     check_variants(names)
     records: list[dict] = []
     for name in names:
         try:
             r = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
-                          "--new-tokens", str(new_tokens), "--repeats", str(repeats))
+                          "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--profile", str(profile_top))
         except ChildFailed as e:
             if name == BASELINE:
                 raise SystemExit(f"the baseline failed: {e}") from None

@@ -94,12 +94,14 @@ def evaluate(args) -> None:
 def benchmark(args) -> None:
     import json
 
-    from .bench import BASELINE, bench, cold_boot, cold_boot_table, served, served_table, table
+    from .bench import BASELINE, bench, cold_boot, cold_boot_table, profiles, served, served_table, table
 
     def save(records):
         if args.json:
             Path(args.json).write_text(json.dumps(records, indent=1))
 
+    if args.profile and (args.cold_boot or args.served):
+        raise SystemExit("--profile profiles the variants that plain `bench` times, not --cold-boot or --served")
     if args.cold_boot:
         records = cold_boot(args.model, [v for v in args.variants.split(",") if v != BASELINE])
         save(records)
@@ -111,8 +113,11 @@ def benchmark(args) -> None:
         print(served_table(records))
         return
 
-    records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save)
+    records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save,
+                    args.profile)
     print(table(records))
+    if args.profile:
+        print("\n" + profiles(records))
     measured = [r for r in records if "error" not in r]
     low, high = (f(r["bandwidth_bytes_per_s"] for r in measured) / 1e9 for f in (min, max))
     print(f"\nmeasured read bandwidth: {low:.1f}-{high:.1f} GB/s on {measured[0]['device']}, "
@@ -125,7 +130,8 @@ def bench_one(args) -> None:
 
     from .bench import run_variant
 
-    print(json.dumps(run_variant(args.model, args.variant, args.prompt_tokens, args.new_tokens, args.repeats)))
+    print(json.dumps(run_variant(args.model, args.variant, args.prompt_tokens, args.new_tokens, args.repeats,
+                                 args.profile)))
 
 
 def profile(args) -> None:
@@ -197,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--prompt-tokens", type=int, default=128)
         p.add_argument("--new-tokens", type=int, default=64)
         p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--profile", type=int, default=0, metavar="TOP", help="then profile each pipeline "
+                       "variant's decode step in the same process and list its TOP kernels (0: no profile)")
         if name == "bench":
             p.add_argument("--variants", default="int8-eager,int8-compile", help="comma list of named variants")
             p.add_argument("--json")

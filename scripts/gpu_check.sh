@@ -7,14 +7,16 @@
 #   2. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
 #      weight-only, head too, our GEMV kernel, compiled decode step with CUDA graphs; its
 #      compile took 144 s on the H200) and bf16 + compile (VARIANTS= picks others, e.g.
-#      int8-head-compile-aten: torchao's path).
+#      int8-head-compile-aten: torchao's path); then each variant's decode step profiled in
+#      the same process (`--profile`: GPU busy time against the step's wall time, kernels a
+#      step, the PROFILE_TOP=15 longest kernels), with its CUDA graphs and no second compile.
 # Optional, each in place of part of the above within 8 minutes: KERNEL_BENCH=1 (the kernels
 # alone on the 4B shapes, scripts/int8_gemv_bench.py --device cuda: ours, torchao's compiled
 # path, a plain sum and bf16 cuBLAS, in GB/s, and each of our tilings; ~100 s; the H200's is in
 # docs/gpu_h200/int8_gemv_bench_run3.txt), PROFILE_VARIANT= (the decode step's GPU time by
-# kernel) and SERVED_VARIANTS= (`bench --served`: the variant in a plain process and through
-# the real Cog server, with the same CUDA graphs; e.g. SERVED_VARIANTS=bf16-compile VARIANTS=
-# KERNEL_CHECKS=0; KERNEL_CHECKS=0 skips step 1).
+# kernel in plain compile mode, a compile of its own) and SERVED_VARIANTS= (`bench --served`:
+# the variant in a plain process and through the real Cog server, with the same CUDA graphs;
+# e.g. SERVED_VARIANTS=bf16-compile VARIANTS= KERNEL_CHECKS=0; KERNEL_CHECKS=0 skips step 1).
 # The bench JSON in $OUT (or ./out) is rewritten after every variant, and a variant that fails
 # is recorded with its error, so a cut-short run still reports.
 #
@@ -72,8 +74,8 @@ if [[ "${KERNEL_BENCH:-0}" != 0 ]]; then
     step int8_gemv_bench.log ${KERNEL_TIMEOUT:-120} 14 python3 scripts/int8_gemv_bench.py --device cuda
 fi
 
-# Optional: which kernels one variant's decode step runs and for how long (GPU time
-# per step; plain compile, so the kernels are not hidden inside CUDA graphs), e.g.
+# Optional: which kernels one variant's decode step runs and for how long in plain compile
+# mode (cog.yaml's; the bench profiles the CUDA-graph step), e.g.
 # PROFILE_VARIANT=int8-head-compile. Its time comes out of the bench's.
 if [[ -n "${PROFILE_VARIANT:-}" ]]; then
     step profile.log ${PROFILE_TIMEOUT:-240} 20 env GEMMA_OPT_COMPILE_MODE=default \
@@ -86,9 +88,9 @@ export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
 variants=${VARIANTS-int8-head-compile,bf16-compile}  # VARIANTS= (empty) skips this step
 if [[ -n "$variants" ]]; then
     step bench_4b_gpu.log ${BENCH_TIMEOUT:-330} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
-        --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "$variants" \
+        --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "$variants" --profile ${PROFILE_TOP:-15} \
         --json "$out/bench_4b_gpu.json"
-    python3 -c "import json, sys; from gemma_opt.bench import table; print(table(json.load(open(sys.argv[1]))))" \
+    python3 -c "import json, sys; from gemma_opt.bench import profiles, table; r = json.load(open(sys.argv[1])); print(table(r)); print(profiles(r))" \
         "$out/bench_4b_gpu.json" || true
 fi
 if [[ -n "${SERVED_VARIANTS:-}" ]]; then

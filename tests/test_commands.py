@@ -36,9 +36,10 @@ def test_eval_writes_json_records_and_a_plot(tmp_path):
     assert "| magnitude | 0.3 |" in out
 
 
-def test_bench_reports_every_key_against_the_baseline(tmp_path):
+def test_bench_reports_every_key_against_the_baseline_and_profiles_the_variants_step(tmp_path):
     out = gemma_opt("bench", "--model", "tiny-random", "--variants", "int8-eager,sparse24-bf16-compile",
-                    "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+                    "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--profile", "4",
+                    "--json", str(tmp_path / "bench.json"))
     records = json.loads((tmp_path / "bench.json").read_text())
     assert [r["variant"] for r in records] == ["hf-eager-bf16", "int8-eager", "sparse24-bf16-compile"]
     failed = records.pop()  # no 2:4 kernels on a CPU: recorded with its reason, the others still measured
@@ -50,6 +51,12 @@ def test_bench_reports_every_key_against_the_baseline(tmp_path):
     assert records[0]["speedup_vs_baseline"] == 1
     assert records[1]["weight_bytes"] < records[0]["weight_bytes"]
     assert "measured read bandwidth" in out
+    assert "profile" not in records[0]  # plain transformers, not the pipeline's decode step
+    profile = records[1]["profile"]  # same process, after the timed runs
+    assert profile["steps"] == 7 and profile["busy_device"] == "CPU" and profile["kernels"] is None
+    times = [e["ms"] for e in profile["top"]]
+    assert len(times) == 4 and times == sorted(times, reverse=True) and 0 < sum(times) <= profile["busy_ms"]
+    assert "int8-eager on tiny-random:" in out and "7 decode steps profiled; a step:" in out
 
 
 def test_profile_attributes_each_decode_step_and_rates_the_int8_gemv():
