@@ -89,8 +89,12 @@ def test_int8_head_is_one_shared_table_and_keeps_the_logits(tiny):
     assert before - weight_bytes(model) == saved(rows * cols, rows) + linears  # one table, not a second copy
     with torch.inference_mode():
         logits = model(input_ids=ids).logits.float()
-    assert torch.equal(logits.argmax(-1), dense_logits.argmax(-1))
-    assert (logits - dense_logits).abs().max() < 0.05 * dense_logits.abs().max()
+        hidden = model.model(input_ids=ids).last_hidden_state.float()
+    from_table = hidden @ head.weight.dequantize().float().T  # the shared INT8 table, bf16 rounding apart
+    assert (logits - from_table).abs().max() < 0.01 * from_table.abs().max()  # measured: 0.5%
+    assert (logits - dense_logits).abs().max() < 0.05 * dense_logits.abs().max()  # measured: 3.8%
+    # No top-1 comparison: a random model's best logits tie in bf16. The real 270M's quality with
+    # the INT8 head is in test_quality_270m.py.
 
 
 @pytest.mark.parametrize("int8_gemv", [pytest.param(True, marks=NEEDS_AVX512), False])
