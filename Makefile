@@ -22,7 +22,7 @@ serve: $(VENV)/.installed  ## the Cog HTTP server on $(HOST):$(PORT)
 # The second pass runs the CUDA kernel's tests in Triton's CPU interpreter (switched on before Triton is imported).
 test: $(VENV)/.installed  ## the whole suite, slow tests included (~20 min on 2 cores)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
-	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py
+	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py tests/test_decode_attention_cuda.py
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -25,6 +25,7 @@ encoder's layers, run once per image, can be compiled regionally (``vision``).
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 
 import torch
@@ -40,7 +41,7 @@ from .int8_gemv import cpu_ops, supported, use_int8_gemv
 from .models import LoadedModel
 
 ATTENTION = "gemma_opt_grouped"
-DECODE_ATTENTION = "gemma_opt_decode"  # the same, a decoded token's on our CPU kernel
+DECODE_ATTENTION = "gemma_opt_decode"  # the same, a decoded token's on our kernel (CPU or CUDA)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 WARMUP_PROMPT = "Describe the weather on a quiet autumn morning, in a few words."
 # Each model's decode step keeps its own compiled graphs (see compile_decode). torch before
@@ -117,15 +118,18 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
-    """``grouped_attention``, with a decoded token's (one query position) on our CPU kernel
-    (decode_attention.cpp): K and V read once, in fp32, on both cores even with one KV head.
-    ATen's two bmm calls a layer took ~100 us each on the 270M's 256-position bucket (12% of
-    a decode step); ours is 2.1-3.8x faster a layer (scripts/decode_attention_bench.py)."""
+    """``grouped_attention``, with a decoded token's (one query position) on our kernel. On
+    CPU (decode_attention.cpp): K and V read once, in fp32, on both cores even with one KV
+    head; ATen's two bmm calls a layer took ~100 us each on the 270M's 256-position bucket
+    (12% of a decode step), ours is 2.1-3.8x faster a layer (scripts/decode_attention_bench.py).
+    On CUDA (decode_attention_cuda.py, Triton): the positions the mask blocks are not read,
+    so the whole-cache shape that CUDA graphs need costs no reads (not yet timed on a GPU)."""
     if (query.shape[2] != 1 or softcap is not None or query.shape[-1] % 32
             or (attention_mask is not None and attention_mask.dtype != query.dtype)):
         return grouped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
     scale = scaling or query.shape[-1] ** -0.5
-    return torch.ops.gemma_opt.decode_attention(query, key, value, attention_mask, scale), None
+    op = torch.ops.gemma_opt.decode_attention_cuda if query.is_cuda else torch.ops.gemma_opt.decode_attention
+    return op(query, key, value, attention_mask, scale), None
 
 
 for name, function in ((ATTENTION, grouped_attention), (DECODE_ATTENTION, decode_attention)):
@@ -141,12 +145,15 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
         return []
     # One query against the cache: PyTorch's CPU flash-attention kernel took ~1 ms a layer
     # (measured on the 270M, 40% of a step); plain matmul-softmax attention fuses into the
-    # compiled graph instead, and on CPUs with AVX-512 a decoded token's runs on our kernel.
-    # Prefill is eager and short, so it pays little for this.
+    # compiled graph instead, and a decoded token's runs on our kernel (CPUs with AVX-512,
+    # CUDA with Triton). Prefill is eager and short, so it pays little for this.
     on_cpu = model.device.type == "cpu"
     attention = ATTENTION
-    if config.decode_attention and on_cpu and supported("cpu"):
-        cpu_ops()  # built now, not while the step is traced
+    if config.decode_attention and supported(model.device):
+        if on_cpu:
+            cpu_ops()  # built now, not while the step is traced
+        else:
+            importlib.import_module(".decode_attention_cuda", __package__)  # registers the Triton op
         attention = DECODE_ATTENTION
     text_only = model.config.get_text_config() is model.config
     model.set_attn_implementation(attention if text_only else {"text_config": attention})
@@ -158,7 +165,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
                                        **step_compile_options(config.mode))
     kv_bucket = config.kv_bucket if on_cpu and config.mode not in CUDA_GRAPH_MODES else None
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
-    compiled = ["decode step"] + (["CPU decode-attention kernel"] if attention == DECODE_ATTENTION else [])
+    compiled = ["decode step"] + ([f"decode-attention kernel ({model.device.type})"] if attention == DECODE_ATTENTION else [])
     if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512, CUDA with Triton
         compiled.append(f"INT8 GEMV kernel ({swapped} linears)")
     if config.vision:

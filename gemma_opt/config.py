@@ -136,8 +136,9 @@ class CompileConfig(_Section):
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
     int8_gemv: bool = Field(True, description="the decode step's INT8 linears run on gemma_opt's GEMV kernels "
                             "(int8_gemv.py; CPUs with AVX-512, CUDA GPUs with Triton) instead of torchao's path")
-    decode_attention: bool = Field(True, description="a decoded token's attention runs on gemma_opt's CPU kernel "
-                                   "(decode_attention.cpp; CPUs with AVX-512) instead of two bmm calls a layer")
+    decode_attention: bool = Field(True, description="a decoded token's attention runs on gemma_opt's kernels "
+                                   "(decode_attention.cpp on CPUs with AVX-512, decode_attention_cuda.py on CUDA "
+                                   "GPUs with Triton) instead of two bmm calls a layer")
 
 
 class PipelineConfig(_Section):

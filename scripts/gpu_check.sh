@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the INT8 decode path on the gemma-3-4b-it architecture (random weights), in
-# about 7 minutes on the H200 (each step under its own time limit):
-#   1. the CUDA INT8 GEMV kernel's tests (tests/test_int8_gemv_cuda.py), on the GPU for real, and
-#      the compiled decode loop's (plain compile and CUDA graphs, next step queued before a
-#      token is read) on a tiny model (~1 minute);
+# under 8 minutes on the H200 (each step under its own time limit):
+#   1. the Triton kernels' tests (tests/test_int8_gemv_cuda.py, tests/test_decode_attention_cuda.py),
+#      on the GPU for real, and the compiled decode loop's (plain compile and CUDA graphs,
+#      next step queued before a token is read) on a tiny model (~1 minute);
 #   2. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
-#      weight-only, head too, our GEMV kernel, compiled decode step with CUDA graphs; its
-#      compile took 144 s on the H200) and bf16 + compile (VARIANTS= picks others, e.g.
-#      int8-head-compile-aten: torchao's path); then each variant's decode step profiled in
-#      the same process (`--profile`: GPU busy time against the step's wall time, kernels a
-#      step, the PROFILE_TOP=15 longest kernels), with its CUDA graphs and no second compile.
+#      weight-only, head too, our GEMV kernel, our decode-attention kernel, compiled decode
+#      step with CUDA graphs; its compile took 144 s on the H200) and the same with the
+#      attention as two bmm calls (int8-head-compile-bmm: run 3's step). VARIANTS= picks
+#      others, e.g. bf16-compile, or int8-head-compile-aten (torchao's path). Then each
+#      variant's decode step is profiled in the same process (`--profile`: GPU busy time
+#      against the step's wall time, kernels a step, the PROFILE_TOP=15 longest kernels),
+#      with its CUDA graphs and no second compile.
 # Optional, each in place of part of the above within 8 minutes: KERNEL_BENCH=1 (the kernels
 # alone on the 4B shapes, scripts/int8_gemv_bench.py --device cuda: ours, torchao's compiled
 # path, a plain sum and bf16 cuBLAS, in GB/s, and each of our tilings; ~100 s; the H200's is in
@@ -68,6 +70,7 @@ step() {
 
 if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
     step tests.log ${TEST_TIMEOUT:-120} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py \
+        tests/test_decode_attention_cuda.py \
         "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets"
 fi
 if [[ "${KERNEL_BENCH:-0}" != 0 ]]; then
@@ -85,9 +88,9 @@ fi
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
-variants=${VARIANTS-int8-head-compile,bf16-compile}  # VARIANTS= (empty) skips this step
+variants=${VARIANTS-int8-head-compile,int8-head-compile-bmm}  # VARIANTS= (empty) skips this step
 if [[ -n "$variants" ]]; then
-    step bench_4b_gpu.log ${BENCH_TIMEOUT:-330} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
+    step bench_4b_gpu.log ${BENCH_TIMEOUT:-360} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
         --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "$variants" --profile ${PROFILE_TOP:-15} \
         --json "$out/bench_4b_gpu.json"
     python3 -c "import json, sys; from gemma_opt.bench import profiles, table; r = json.load(open(sys.argv[1])); print(table(r)); print(profiles(r))" \

@@ -116,7 +116,7 @@ def test_compiled_int8_decode_runs_one_int8_kernel_per_linear_and_our_attention_
     if int8_gemv:  # ours in the four decode steps after the prefill's token, and the prefill's head (one row)
         assert f"INT8 GEMV kernel ({linears} linears)" in report.compiled
         assert calls["gemma_opt::int8_gemv"] == 4 * linears + 1 and "aten::_weight_int8pack_mm" not in calls
-        assert "CPU decode-attention kernel" in report.compiled
+        assert "decode-attention kernel (cpu)" in report.compiled
         assert calls["gemma_opt::decode_attention"] == 4 * 4  # each layer of the four decode steps
     else:  # inductor rewrote torchao's int8 weight-only linears into ATen's kernel
         assert counters["inductor"]["woq_matcher_count"] - before >= linears
