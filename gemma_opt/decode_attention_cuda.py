@@ -11,9 +11,9 @@ and a second kernel combines the chunks. A program loads no K or V row that the 
 blocks (masked loads read nothing), so a step reads the positions in use, not the cache:
 two kernels a layer, one static shape. The query heads of a group go through ``tl.dot`` as
 one block padded to 16 rows (the smallest ``tl.dot`` takes), so K and V are read once. Its
-operands are fp32: on a GPU that is TF32, whose 11-bit significands hold bf16 values
-exactly, and Triton's CPU interpreter multiplies bf16 operands wrongly (measured: errors of
-~1e9 where fp32 operands agree with the reference).
+operands are fp32, which a GPU multiplies as TF32: exact for bf16 and fp16 values (TF32's
+significand holds theirs), rounded for fp32 caches. (Triton's CPU interpreter multiplies
+bf16 operands wrongly: errors of ~1e9 where fp32 operands agree with the reference.)
 
 The tests compare it with transformers' eager attention in Triton's CPU interpreter
 (``TRITON_INTERPRET=1``) and, where there is one, on a GPU (``scripts/gpu_check.sh``).
@@ -34,7 +34,7 @@ CHUNK = 32  # positions per program
 def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, blocked, positions, D, G,
                  q_b, q_h, k_b, k_h, k_l, v_b, v_h, v_l, mask_b,
                  GROUP: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr):
     """For one (batch, KV head, chunk): per query head of the group, the chunk's largest score
     ``m``, the sum ``l`` of exp(score - m) and those weights' sum of V rows ``acc``."""
     b, g, c = tl.program_id(0) // G, tl.program_id(0) % G, tl.program_id(1)
@@ -53,12 +53,12 @@ def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, bl
     heads = g * GROUP + h
     q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :], mask=(h[:, None] < GROUP) & (d[None, :] < D),
                 other=0.0)
-    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale + bias[None, :]
+    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale + bias[None, :]
     s = tl.where(live[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # a chunk all blocked: p = 0, not nan
     v = tl.load(v_ptr + b * v_b + g * v_h + pos[:, None] * v_l + d[None, :], mask=rows, other=0.0)
-    acc = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+    acc = tl.dot(p, v.to(tl.float32))
     item = (b * G * GROUP + heads) * chunks + c
     tl.store(m_ptr + item, m, mask=h < GROUP)
     tl.store(l_ptr + item, tl.sum(p, axis=1), mask=h < GROUP)
@@ -113,9 +113,9 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
         torch.finfo(query.dtype).min, positions, D, G, query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2), mask_b,
         GROUP=H // G, HAS_MASK=mask is not None, CHUNK=chunk, BLOCK_H=max(16, triton.next_power_of_2(H // G)),
-        BLOCK_D=block_d, PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+        BLOCK_D=block_d)
     combine_kernel[(B * H,)](m, l, acc, out, chunks, D, H, out.stride(0), out.stride(2),
-                             BLOCK_C=triton.next_power_of_2(chunks), BLOCK_D=block_d)
+                             BLOCK_C=max(16, triton.next_power_of_2(chunks)), BLOCK_D=block_d)
     return out
 
 

@@ -37,7 +37,8 @@ def test_decode_attention_equals_eager_attention_over_the_masks_positions(dtype,
     keep[..., 64:192] = False  # whole chunks blocked (a sliding layer's window): they must weigh nothing
     keep[..., -1] = True  # the token itself
     mask = blocked(keep, dtype)
-    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-3}
+    # float32: TF32 products on a GPU (exact in the interpreter); bf16: the output's rounding
+    tolerance = {"rtol": 1e-2, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-3}
     scale = dim**-0.5
     out = launch(query, key, value, mask, scale)
     assert out.shape == (batch, 1, heads, dim) and out.dtype == dtype
@@ -49,8 +50,8 @@ def test_decode_attention_equals_eager_attention_over_the_masks_positions(dtype,
 
 
 @RUNS_KERNELS
-def test_blocked_positions_are_not_read():
-    """A blocked position's K and V never reach the result, even as nan or inf."""
+def test_blocked_positions_never_reach_the_result_even_as_nan_or_inf():
+    """(Whether they are read at all is a question of speed: gpu_check times it.)"""
     torch.manual_seed(0)
     query = torch.randn(1, 8, 1, 256, dtype=torch.bfloat16, device=DEVICE)
     key, value = torch.randn(2, 1, 4, 2048, 256, dtype=torch.bfloat16, device=DEVICE)
