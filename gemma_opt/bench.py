@@ -218,7 +218,8 @@ def profile_lines(variant: str, model: str, p: dict) -> list[str]:
 
 def profiles(records: list[dict]) -> str:
     """The profiles ``bench --profile`` recorded, as text after its table."""
-    return "\n\n".join("\n".join(profile_lines(r["variant"], r["model"], r["profile"])) for r in records if "profile" in r)
+    return "\n\n".join("\n".join(profile_lines(r["variant"], r["model"], r["profile"]))
+                       for r in records if "profile" in r)
 
 
 def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:

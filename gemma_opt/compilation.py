@@ -165,7 +165,9 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
                                        **step_compile_options(config.mode))
     kv_bucket = config.kv_bucket if on_cpu and config.mode not in CUDA_GRAPH_MODES else None
     loaded.decode_cache = DecodeCache(model.config, config.cache_len, kv_bucket, model.dtype, model.device)
-    compiled = ["decode step"] + ([f"decode-attention kernel ({model.device.type})"] if attention == DECODE_ATTENTION else [])
+    compiled = ["decode step"]
+    if attention == DECODE_ATTENTION:
+        compiled.append(f"decode-attention kernel ({model.device.type})")
     if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512, CUDA with Triton
         compiled.append(f"INT8 GEMV kernel ({swapped} linears)")
     if config.vision:

@@ -85,7 +85,8 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
     """Check the inputs as the CPU kernel does, then attention of ``query`` [batch, heads, 1,
     dim] over the cache ``key``/``value`` [batch, kv_heads, positions, dim], over the
     mask's first positions (all of them without a mask); returns [batch, 1, heads, dim]."""
-    torch._check(query.dim() == 4 and query.shape[2] == 1, lambda: "decode_attention: query must be [batch, heads, 1, dim]")
+    torch._check(query.dim() == 4 and query.shape[2] == 1,
+                 lambda: "decode_attention: query must be [batch, heads, 1, dim]")
     torch._check(key.dim() == 4 and key.shape == value.shape,
                  lambda: "decode_attention: key and value must be [batch, kv_heads, positions, dim], alike")
     B, H, _, D = query.shape
@@ -94,7 +95,8 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
                  lambda: f"decode_attention: query {list(query.shape)} does not fit key {list(key.shape)}")
     torch._check(key.dtype == query.dtype and value.dtype == query.dtype,
                  lambda: "decode_attention: query, key and value must have one dtype")
-    torch._check(key.stride(3) == 1 and value.stride(3) == 1, lambda: "decode_attention: key and value rows must be contiguous")
+    torch._check(key.stride(3) == 1 and value.stride(3) == 1,
+                 lambda: "decode_attention: key and value rows must be contiguous")
     positions = mask.shape[-1] if mask is not None else cached
     torch._check(1 <= positions <= cached,
                  lambda: f"decode_attention: the mask covers {positions} positions, the cache has {cached}")
