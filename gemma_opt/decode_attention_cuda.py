@@ -32,7 +32,7 @@ CHUNK = 32  # positions per program
 
 @triton.jit
 def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, blocked, positions, D, G,
-                 q_b, q_h, k_b, k_h, k_l, v_b, v_h, v_l, mask_b,
+                 q_b, q_h, q_d, k_b, k_h, k_l, v_b, v_h, v_l, mask_b,
                  GROUP: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """For one (batch, KV head, chunk): per query head of the group, the chunk's largest score
@@ -51,8 +51,8 @@ def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, bl
     rows = live[:, None] & (d[None, :] < D)
     k = tl.load(k_ptr + b * k_b + g * k_h + pos[:, None] * k_l + d[None, :], mask=rows, other=0.0)
     heads = g * GROUP + h
-    q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :], mask=(h[:, None] < GROUP) & (d[None, :] < D),
-                other=0.0)
+    q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :] * q_d,
+                mask=(h[:, None] < GROUP) & (d[None, :] < D), other=0.0)
     s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale + bias[None, :]
     s = tl.where(live[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
@@ -112,7 +112,7 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
     out = query.new_empty(B, 1, H, D)
     chunk_kernel[(B * G, chunks)](
         query, key, value, mask if mask is not None else query, m, l, acc, scale,
-        torch.finfo(query.dtype).min, positions, D, G, query.stride(0), query.stride(1),
+        torch.finfo(query.dtype).min, positions, D, G, query.stride(0), query.stride(1), query.stride(3),
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2), mask_b,
         GROUP=H // G, HAS_MASK=mask is not None, CHUNK=chunk, BLOCK_H=max(16, triton.next_power_of_2(H // G)),
         BLOCK_D=block_d)

@@ -31,7 +31,7 @@ def blocked(keep, dtype):
 def test_decode_attention_equals_eager_attention_over_the_masks_positions(dtype, batch, heads, kv_heads, dim, cache,
                                                                           positions):
     torch.manual_seed(0)
-    query = torch.randn(batch, heads, 1, dim, dtype=dtype, device=DEVICE)
+    query = torch.randn(batch, dim, heads, 1, dtype=dtype, device=DEVICE).permute(0, 2, 3, 1)  # dim not innermost
     key, value = torch.randn(2, batch, kv_heads, cache, dim, dtype=dtype, device=DEVICE)
     keep = torch.rand(batch, 1, 1, positions, device=DEVICE) < 0.7
     keep[..., 64:192] = False  # whole chunks blocked (a sliding layer's window): they must weigh nothing
@@ -43,8 +43,8 @@ def test_decode_attention_equals_eager_attention_over_the_masks_positions(dtype,
     out = launch(query, key, value, mask, scale)
     assert out.shape == (batch, 1, heads, dim) and out.dtype == dtype
     torch.testing.assert_close(out.double(), reference(query, key, value, mask, scale), **tolerance)
-    # no mask: all of the cache (an eager dynamic cache holds only the positions so far)
-    window = key[:, :, :positions].contiguous(), value[:, :, :positions].contiguous()
+    # no mask: all of the cache (an eager dynamic cache holds only the positions so far); query contiguous
+    query, window = query.contiguous(), (key[:, :, :positions].contiguous(), value[:, :, :positions].contiguous())
     torch.testing.assert_close(launch(query, *window, None, scale).double(), reference(query, *window, None, scale),
                                **tolerance)
 
