@@ -25,7 +25,6 @@ encoder's layers, run once per image, can be compiled regionally (``vision``).
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 
 import torch
@@ -37,7 +36,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from .config import CompileConfig
 from .filtering import VISION_TOWER, repeated_blocks
 from .generation import SamplingParams, generate_text, next_token_logits
-from .int8_gemv import cpu_ops, supported, use_int8_gemv
+from .int8_gemv import device_ops, supported, use_int8_gemv
 from .models import LoadedModel
 
 ATTENTION = "gemma_opt_grouped"
@@ -150,10 +149,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     on_cpu = model.device.type == "cpu"
     attention = ATTENTION
     if config.decode_attention and supported(model.device):
-        if on_cpu:
-            cpu_ops()  # built now, not while the step is traced
-        else:
-            importlib.import_module(".decode_attention_cuda", __package__)  # registers the Triton op
+        device_ops(model.device.type)  # built and registered now, not while the step is traced
         attention = DECODE_ATTENTION
     text_only = model.config.get_text_config() is model.config
     model.set_attn_implementation(attention if text_only else {"text_config": attention})

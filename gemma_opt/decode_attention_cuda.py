@@ -81,7 +81,7 @@ def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, chunks, D, H, out_b, out_h,
 
 
 def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float, chunk_kernel=chunk_kernel,
-           combine_kernel=combine_kernel, chunk: int = CHUNK) -> Tensor:
+           combine_kernel=combine_kernel) -> Tensor:
     """Check the inputs as the CPU kernel does, then attention of ``query`` [batch, heads, 1,
     dim] over the cache ``key``/``value`` [batch, kv_heads, positions, dim], over the
     mask's first positions (all of them without a mask); returns [batch, 1, heads, dim]."""
@@ -106,7 +106,7 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
         mask = mask.reshape(-1, positions).contiguous()
         torch._check(mask.shape[0] in (1, B), lambda: "decode_attention: one mask row, or one per batch, expected")
         mask_b = positions if mask.shape[0] == B else 0
-    chunks, block_d = triton.cdiv(positions, chunk), triton.next_power_of_2(D)
+    chunks, block_d = triton.cdiv(positions, CHUNK), triton.next_power_of_2(D)
     m, l = (torch.empty(B * H * chunks, dtype=torch.float32, device=query.device) for _ in range(2))
     acc = torch.empty(B * H * chunks * block_d, dtype=torch.float32, device=query.device)
     out = query.new_empty(B, 1, H, D)
@@ -114,7 +114,7 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
         query, key, value, mask if mask is not None else query, m, l, acc, scale,
         torch.finfo(query.dtype).min, positions, D, G, query.stride(0), query.stride(1), query.stride(3),
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2), mask_b,
-        GROUP=H // G, HAS_MASK=mask is not None, CHUNK=chunk, BLOCK_H=max(16, triton.next_power_of_2(H // G)),
+        GROUP=H // G, HAS_MASK=mask is not None, CHUNK=CHUNK, BLOCK_H=max(16, triton.next_power_of_2(H // G)),
         BLOCK_D=block_d)
     combine_kernel[(B * H,)](m, l, acc, out, chunks, D, H, out.stride(0), out.stride(2),
                              BLOCK_C=max(16, triton.next_power_of_2(chunks)), BLOCK_D=block_d)

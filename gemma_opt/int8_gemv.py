@@ -15,8 +15,8 @@ the same torchao weight (and parameter names), with a decoded token (one row) se
 kernel and longer inputs (prefill, images) to torchao as before. The CPU kernel is compiled
 on first use with the C++ compiler inductor already needs (about 35 s, then cached by torch
 in ``TORCH_EXTENSIONS_DIR``), in one extension with our CPU decode-attention kernel
-(``decode_attention.cpp``, used by compilation.py); the CUDA one by Triton, which comes with
-CUDA builds of torch.
+(``decode_attention.cpp``, used by compilation.py); the CUDA ones (this GEMV's and
+``decode_attention_cuda.py``) by Triton, which comes with CUDA builds of torch.
 """
 
 from __future__ import annotations
@@ -45,13 +45,21 @@ def supported(device: torch.device | str) -> bool:
 
 
 @cache
-def kernel(device_type: str):
-    """The GEMV op for a device type, built (first time) and registered: ``gemma_opt::int8_gemv``
-    (CPU) or ``gemma_opt::int8_gemv_cuda``."""
+def device_ops(device_type: str):
+    """``torch.ops.gemma_opt`` with our ops for a device type built (first time) and registered:
+    on CPU ``int8_gemv`` and ``decode_attention`` (one C++ extension, ``cpu_ops``), on CUDA
+    ``int8_gemv_cuda`` and ``decode_attention_cuda`` (Triton, imported here)."""
     if device_type == "cuda":
-        importlib.import_module(".int8_gemv_cuda", __package__)  # registers the op (imports Triton)
-        return torch.ops.gemma_opt.int8_gemv_cuda
-    return cpu_ops().int8_gemv
+        for module in (".int8_gemv_cuda", ".decode_attention_cuda"):
+            importlib.import_module(module, __package__)
+        return torch.ops.gemma_opt
+    return cpu_ops()
+
+
+def kernel(device_type: str):
+    """The GEMV op for a device type: ``gemma_opt::int8_gemv`` (CPU) or ``gemma_opt::int8_gemv_cuda``."""
+    ops = device_ops(device_type)
+    return ops.int8_gemv_cuda if device_type == "cuda" else ops.int8_gemv
 
 
 @cache
