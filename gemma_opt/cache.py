@@ -36,10 +36,9 @@ import torch
 from torch import nn
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torchao.quantization import Int8Tensor
-from transformers import AutoProcessor, AutoTokenizer
 
 from .config import PipelineConfig
-from .models import LoadedModel, model_revision
+from .models import LoadedModel, load_preprocessing, model_revision
 from .pipeline import Report, accelerate, compress, load, resolve_device
 from .pruning import PruneReport
 from .quantization import SharedInt8Embedding
@@ -186,10 +185,8 @@ def load_model_entry(folder: Path, device: str) -> LoadedModel:
         raise CacheMiss("the saved model does not fill the architecture")
     model.generation_config = saved["generation_config"]
     model.eval().requires_grad_(False)  # as load_model leaves it: compiled graphs are keyed on this
-    processor = AutoProcessor.from_pretrained(folder / TOKENIZER_DIR) if model.config.get_text_config() is not \
-        model.config else None
-    tokenizer = processor.tokenizer if processor else AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
-    return LoadedModel(model, tokenizer, processor, saved["name"])
+    multimodal = model.config.get_text_config() is not model.config
+    return LoadedModel(model, *load_preprocessing(folder / TOKENIZER_DIR, multimodal), saved["name"])
 
 
 def _write_manifest(folder: Path, inputs: dict, report: Report) -> None:

@@ -1,8 +1,11 @@
+import os
+
 import torch
 
 from gemma_opt.cache import COMPILE_FILE, MANIFEST, MODEL_FILE, load_and_optimize
 from gemma_opt.config import PipelineConfig
 from gemma_opt.generation import SamplingParams, generate_text
+from gemma_opt.models import IMAGE_ID, load_model, load_preprocessing
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, stop_at_eos=False)
 
@@ -51,3 +54,15 @@ def test_compile_artifacts_are_saved_with_the_model(tmp_path):
     cached, again = load_and_optimize(config)
     assert again.cache == "hit" and again.compiled == report.compiled and "decode step" in again.compiled
     assert generate_text(cached, "Hello", params=GREEDY) == generate_text(built, "Hello", params=GREEDY)
+
+
+def test_a_folder_s_tokenizer_loads_once_per_process_and_again_when_its_files_change(tmp_path):
+    load_model("tiny-random").tokenizer.save_pretrained(tmp_path)  # the Gemma 3 tokenizer, image token included
+    first, processor = load_preprocessing(tmp_path, multimodal=False)
+    assert processor is None and load_preprocessing(tmp_path, multimodal=False)[0] is first
+    config = tmp_path / "tokenizer_config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # e.g. new weights copied in
+    again, _ = load_preprocessing(tmp_path, multimodal=False)
+    assert again is not first
+    prompt = "Describe <start_of_image><image_soft_token><end_of_image> in a few words."
+    assert again(prompt).input_ids == first(prompt).input_ids and IMAGE_ID in first(prompt).input_ids
