@@ -5,7 +5,7 @@ import torch
 from gemma_opt.cache import COMPILE_FILE, MANIFEST, MODEL_FILE, load_and_optimize
 from gemma_opt.config import PipelineConfig
 from gemma_opt.generation import SamplingParams, generate_text
-from gemma_opt.models import IMAGE_ID, load_model, load_preprocessing
+from gemma_opt.models import IMAGE_ID, gemma_processor, load_preprocessing
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, stop_at_eos=False)
 
@@ -57,7 +57,7 @@ def test_compile_artifacts_are_saved_with_the_model(tmp_path):
 
 
 def test_a_folder_s_tokenizer_loads_once_per_process_and_again_when_its_files_change(tmp_path):
-    load_model("tiny-random").tokenizer.save_pretrained(tmp_path)  # the Gemma 3 tokenizer, image token included
+    gemma_processor(64, 16).tokenizer.save_pretrained(tmp_path)  # the Gemma 3 tokenizer, image token included
     first, processor = load_preprocessing(tmp_path, multimodal=False)
     assert processor is None and load_preprocessing(tmp_path, multimodal=False)[0] is first
     config = tmp_path / "tokenizer_config.json"
