@@ -28,6 +28,10 @@ class SamplingParams:
     seed: int = 0
     stop_at_eos: bool = True  # benchmarks decode a fixed number of tokens
 
+    def __post_init__(self):
+        # JSON clients send whole numbers ("temperature": 1), and transformers' warpers refuse ints
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+
 
 @dataclass
 class GenerationStats:

@@ -170,6 +170,14 @@ def test_cancel_stops_generation_and_frees_the_server(tiny_server, http_files):
     assert final["metrics"].get("output_token_count", 0) < 4000
 
 
+def test_whole_number_temperature_and_top_p_sample_as_the_same_floats(tiny_server):
+    """JSON clients send "temperature": 1; the server passes the int on, and transformers'
+    temperature warper refuses ints."""
+    bodies = [tiny_server.predict(prompt="Hello", max_new_tokens=6, seed=3, temperature=t, top_p=p).json()
+              for t, p in ((1, 1), (1.0, 1.0))]
+    assert all(b["status"] == "succeeded" for b in bodies), bodies
+    assert bodies[0]["output"] == bodies[1]["output"]
+
 def test_switching_sparsity_back_and_forth_is_reproducible(tiny_server):
     def run(method, ratio):
         body = tiny_server.predict(prompt="Tell me a story", max_new_tokens=10, seed=1234, temperature=1.0,
