@@ -115,13 +115,14 @@ def set_up_variant(model: str, variant: str) -> tuple[LoadedModel, str, dict[str
 
 
 def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int,
-                profile_top: int = 0) -> dict:
-    """Set up one variant and time greedy decoding; runs in its own process. With
-    ``profile_top``, a pipeline variant's decode step is then profiled too (``profile_steps``),
-    the same compiled step, so on a GPU its CUDA graphs, without a second compile."""
+                profile_top: int = 0, sample: bool = False) -> dict:
+    """Set up one variant and time its decoding, greedy or (``sample``) sampling with the
+    service's defaults; runs in its own process. With ``profile_top``, a pipeline variant's
+    decode step is then profiled too (``profile_steps``), the same compiled step, so on a GPU
+    its CUDA graphs, without a second compile."""
     loaded, device, setup = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False, **({} if sample else {"temperature": 0}))
     runs, bandwidths = [], []
     for repeat in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
         stats = GenerationStats()
@@ -142,7 +143,9 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
             "weight_bytes": weight_bytes(loaded.model), "decode_bytes_per_token": decode_bytes(loaded.model),
             "peak_memory_bytes": peak, "bandwidth_bytes_per_s": max(bandwidths),
-            "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+            "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+            if sample else "greedy"}
     if profile_top and VARIANTS[variant] is not None:
         record["profile"] = profile_steps(loaded, device, inputs, params, profile_top)
     return record
@@ -165,11 +168,17 @@ class _TokenTimes(BaseStreamer):
 
 
 def hf_generate(loaded, inputs: dict, params: SamplingParams, stats: GenerationStats) -> None:
-    """The baseline: plain transformers ``generate()`` (its default dynamic cache), greedy."""
+    """The baseline: plain transformers ``generate()`` (its default dynamic cache), greedy or
+    sampling as ``params`` say."""
+    if params.temperature > 0:
+        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+    else:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    torch.manual_seed(params.seed)
     streamer, start = _TokenTimes(), time.perf_counter()
     with torch.inference_mode():
         loaded.model.generate(**inputs, max_new_tokens=params.max_new_tokens, min_new_tokens=params.max_new_tokens,
-                              do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer)
+                              streamer=streamer, **sampling)
     stats.input_tokens = inputs["input_ids"].shape[1]
     stats.record(start, streamer.times)
 
@@ -259,9 +268,9 @@ def check_variants(names: list[str]) -> None:
 
 
 def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
-          on_record=None, profile_top: int = 0) -> list[dict]:
-    """The baseline, then each variant, each in a fresh process (``profile_top``: see
-    ``run_variant``). A variant that fails is recorded with its error and the rest still run;
+          on_record=None, profile_top: int = 0, sample: bool = False) -> list[dict]:
+    """The baseline, then each variant, each in a fresh process (``profile_top``, ``sample``:
+    see ``run_variant``). A variant that fails is recorded with its error and the rest still run;
     ``on_record(records)`` sees every step, so a run cut short still leaves what it measured."""
     names = [BASELINE] + [v for v in variants if v != BASELINE]
     check_variants(names)
@@ -269,7 +278,8 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
     for name in names:
         try:
             r = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
-                          "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--profile", str(profile_top))
+                          "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--profile", str(profile_top),
+                          *(["--sample"] if sample else []))
         except ChildFailed as e:
             if name == BASELINE:
                 raise SystemExit(f"the baseline failed: {e}") from None

@@ -114,7 +114,7 @@ def benchmark(args) -> None:
         return
 
     records = bench(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.repeats, save,
-                    args.profile)
+                    args.profile, args.sample)
     print(table(records))
     if args.profile:
         print("\n" + profiles(records))
@@ -122,7 +122,8 @@ def benchmark(args) -> None:
     low, high = (f(r["bandwidth_bytes_per_s"] for r in measured) / 1e9 for f in (min, max))
     print(f"\nmeasured read bandwidth: {low:.1f}-{high:.1f} GB/s on {measured[0]['device']}, "
           f"{measured[0]['threads']} threads (each variant's best, probed right after each of its timed runs); "
-          f"roofline = that variant's bandwidth / weight bytes read per decoded token")
+          f"roofline = that variant's bandwidth / weight bytes read per decoded token; "
+          f"decoding: {measured[0]['sampling']}")
 
 
 def bench_one(args) -> None:
@@ -131,7 +132,7 @@ def bench_one(args) -> None:
     from .bench import run_variant
 
     print(json.dumps(run_variant(args.model, args.variant, args.prompt_tokens, args.new_tokens, args.repeats,
-                                 args.profile)))
+                                 args.profile, args.sample)))
 
 
 def profile(args) -> None:
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--profile", type=int, default=0, metavar="TOP", help="then profile each pipeline "
                        "variant's decode step in the same process and list its TOP kernels (0: no profile)")
+        p.add_argument("--sample", action="store_true", help="sample with the service's defaults (temperature, "
+                       "top-p, top-k) instead of greedy decoding, the baseline's generate() too")
         if name == "bench":
             p.add_argument("--variants", default="int8-eager,int8-compile", help="comma list of named variants")
             p.add_argument("--json")
