@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, StaticCache
-from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .models import GENERATION_DEFAULTS, LoadedModel
 
@@ -91,7 +90,7 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     eagerly on a dynamic cache. A loop of our own rather than ``generate()``
     in a helper thread, because with two cores OpenMP throttles its spinning as soon as a
     second thread owns a thread pool: every kernel then waits on a futex wake-up (measured:
-    decode 25% slower on the 270M). Sampling uses transformers' own logits warpers.
+    decode 25% slower on the 270M). Sampling: see ``_sampler``.
     """
     stats = stats if stats is not None else GenerationStats()
     model, prompt_len = loaded.model, int(inputs["input_ids"].shape[1])
@@ -159,15 +158,26 @@ def _read_later(token: torch.Tensor) -> Callable[[], int]:
 
 def _sampler(params: SamplingParams):
     """next token from last-position logits and their argmax: the argmax, or a sample after
-    transformers' temperature/top-k/top-p warpers."""
+    transformers' temperature and top-p warpers, over the ``top_k`` most likely tokens only.
+
+    Taking the top k first gives the distribution transformers' warpers give over the whole
+    vocabulary (their top-k also keeps tokens tied with the k-th; here exactly k are kept), and
+    spares sorting all of Gemma's 262k logits for top-p and drawing over all of them: 18-21 ms
+    a token on 2 CPU cores, 1.2 ms this way, where the 270M's whole decode step takes ~20 ms
+    (``bench --sample``: 26.8 tokens/s before, 49.8 after, as greedy)."""
     if params.temperature == 0:  # a copy: with CUDA graphs, the step's outputs are overwritten by its next run
         return lambda logits, greedy: greedy.clone()
     warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
-    if params.top_k > 0:
-        warpers.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1:
         warpers.append(TopPLogitsWarper(params.top_p))
-    return lambda logits, greedy: torch.multinomial(warpers(None, logits.float()).softmax(-1), 1)[:, 0]
+
+    def sample(logits, greedy):
+        scores, ids = logits.float(), None
+        if params.top_k > 0:
+            scores, ids = scores.topk(min(params.top_k, scores.shape[-1]))
+        choice = torch.multinomial(warpers(None, scores).softmax(-1), 1)
+        return (choice if ids is None else ids.gather(-1, choice))[:, 0]
+    return sample
 
 
 class _TextDecoder:

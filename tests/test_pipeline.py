@@ -181,3 +181,25 @@ def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
                                        "quant": {"mode": "none", "semi_structured": True}})
     with pytest.raises(ConfigError, match="semi-structured sparse kernels .* need a CUDA GPU .* runs on cpu"):
         optimize(tiny, config)
+
+
+@pytest.mark.parametrize("top_k", [8, 0])
+def test_sampling_draws_from_transformers_warped_distribution(top_k):
+    """The sampler warps only the top-k logits (generation._sampler); the draws must follow what
+    transformers' temperature, top-k and top-p warpers give over the whole vocabulary."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from gemma_opt.generation import _sampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64) * 2
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=top_k)
+    warped = TemperatureLogitsWarper(0.7)(None, logits.clone())
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    expected = TopPLogitsWarper(0.9)(None, warped).softmax(-1)[0]
+    sample, draws = _sampler(params), 4000
+    counts = torch.bincount(torch.cat([sample(logits, None) for _ in range(draws)]), minlength=64)
+    assert set(counts.nonzero()[:, 0].tolist()) == set(expected.nonzero()[:, 0].tolist())
+    assert (counts / draws - expected).abs().max() < 0.03
+
