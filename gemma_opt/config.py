@@ -130,7 +130,7 @@ class CompileConfig(_Section):
     backend: str = "inductor"
     vision: bool = Field(False, description="also compile the vision tower's encoder layers")
     cache_len: int = Field(2048, ge=64, le=1 << 17, description="static KV cache positions for the compiled decode "
-                           "step; a request needing more (prompt + max_new_tokens) decodes eagerly")
+                           "step; a request's tokens past it decode eagerly")
     kv_bucket: int = Field(256, ge=16, description="the decode step reads the cache's first positions in "
                            "multiples of this, not all cache_len (on CPU; GPUs read all: one static shape)")
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")

@@ -134,11 +134,21 @@ def test_the_int8_gemv_kernel_decodes_as_torchao_int8_does_eagerly():
     assert generate_text(tiny, "Name three rivers of Europe.", params=greedy) == eager
 
 
-def test_a_request_longer_than_the_static_cache_decodes_eagerly(tiny):
-    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "compile": {"cache_len": 96}}))
+def test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text():
+    tiny = load_model("tiny-random", dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
+    prompt = "Tell me everything. " * 10  # 60+ tokens: 96 - 60 compiled steps, then eager ones
+    greedy = SamplingParams(max_new_tokens=60, temperature=0, stop_at_eos=False)
+    eager = generate_text(tiny, prompt, params=greedy)
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "quant": {"mode": "none"},
+                                             "compile": {"cache_len": 96, "kv_bucket": 32}}))
     graphs = compile_counters().get("unique_graphs")
-    text = generate_text(tiny, "Tell me everything. " * 10, params=SamplingParams(max_new_tokens=60, temperature=0))
-    assert text and compile_counters().get("unique_graphs") == graphs
+    assert generate_text(tiny, prompt, params=greedy) == eager
+    assert compile_counters().get("unique_graphs") == graphs
+    # the compiled steps filled the static cache to its last position (the warm-up reaches ~25)
+    assert all(layer.keys[0, :, -1].abs().sum() > 0 for layer in tiny.decode_cache.layers)
+    long_prompt = "Tell me everything. " * 20  # 120+ tokens: no room in the static cache, eager from the start
+    assert generate_text(tiny, long_prompt, params=greedy)
+    assert compile_counters().get("unique_graphs") == graphs
 
 
 @pytest.mark.parametrize("kv_heads", [1, 4])  # the 270M's one KV head, the 4B's four
