@@ -180,7 +180,11 @@ def _sampler(params: SamplingParams):
         scores, ids = logits.float(), None
         if params.top_k > 0:
             scores, ids = scores.topk(min(params.top_k, scores.shape[-1]))
-        choice = torch.multinomial(warpers(None, scores).softmax(-1), 1)
+        probs = warpers(None, scores).softmax(-1)
+        # torch.multinomial's own draw for one sample (the same exponential race, so the same
+        # token for a seed), without its input checks, which wait for a GPU (.item()) and would
+        # stop the next step from being queued before this token is read (see stream)
+        choice = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
         return (choice if ids is None else ids.gather(-1, choice))[:, 0]
     return sample
 

@@ -213,3 +213,20 @@ def test_sampling_draws_from_transformers_warped_distribution(top_k):
     assert set(counts.nonzero()[:, 0].tolist()) == set(expected.nonzero()[:, 0].tolist())
     assert (counts / draws - expected).abs().max() < 0.03
 
+
+
+@ON_GPU
+def test_sampling_on_a_gpu_never_waits_for_it():
+    """stream() queues the next step before a token is read; a sampler that synchronises
+    (torch.multinomial checks its input with .item()) would make the host wait instead."""
+    from gemma_opt.generation import _sampler
+
+    logits = torch.randn(1, 262144, device="cuda").bfloat16()
+    for top_k in (64, 0):
+        sample = _sampler(SamplingParams(top_k=top_k))
+        sample(logits, None)  # first calls may synchronise (allocator, library loading)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sample(logits, None)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
