@@ -3,8 +3,8 @@
 # under 8 minutes on the H200 (each step under its own time limit):
 #   1. the Triton kernels' tests (tests/test_int8_gemv_cuda.py, tests/test_decode_attention_cuda.py),
 #      on the GPU for real, and the compiled decode loop's (plain compile and CUDA graphs,
-#      next step queued before a token is read) on a tiny model, and that sampling never waits
-#      for the GPU (~1 minute);
+#      next step queued before a token is read) on a tiny model, a request that outgrows the
+#      static cache, and that sampling never waits for the GPU (~1 minute);
 #   2. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
 #      weight-only, head too, our GEMV kernel, our decode-attention kernel, compiled decode
 #      step with CUDA graphs; its compile took 144 s on the H200) and the same with the
@@ -70,10 +70,11 @@ step() {
 }
 
 if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
-    step tests.log ${TEST_TIMEOUT:-120} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py \
+    step tests.log ${TEST_TIMEOUT:-150} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py \
         tests/test_decode_attention_cuda.py \
         "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets" \
-        tests/test_pipeline.py::test_sampling_on_a_gpu_never_waits_for_it
+        tests/test_pipeline.py::test_sampling_on_a_gpu_never_waits_for_it \
+        "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text"
 fi
 if [[ "${KERNEL_BENCH:-0}" != 0 ]]; then
     step int8_gemv_bench.log ${KERNEL_TIMEOUT:-120} 14 python3 scripts/int8_gemv_bench.py --device cuda

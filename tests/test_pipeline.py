@@ -134,13 +134,16 @@ def test_the_int8_gemv_kernel_decodes_as_torchao_int8_does_eagerly():
     assert generate_text(tiny, "Name three rivers of Europe.", params=greedy) == eager
 
 
-def test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text():
-    tiny = load_model("tiny-random", dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
+# On a GPU with CUDA graphs, and the next step queued before a token is read (the switch included).
+@pytest.mark.parametrize("device, mode", [("cpu", "default"), pytest.param("cuda", "reduce-overhead", marks=ON_GPU)])
+def test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text(device, mode):
+    tiny = load_model("tiny-random", device, dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
     prompt = "Tell me everything. " * 10  # 60+ tokens: 96 - 60 compiled steps, then eager ones
     greedy = SamplingParams(max_new_tokens=60, temperature=0, stop_at_eos=False)
     eager = generate_text(tiny, prompt, params=greedy)
-    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "quant": {"mode": "none"},
-                                             "compile": {"cache_len": 96, "kv_bucket": 32}}))
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "dtype": "float32", "device": device,
+                                             "quant": {"mode": "none"},
+                                             "compile": {"cache_len": 96, "kv_bucket": 32, "mode": mode}}))
     graphs = compile_counters().get("unique_graphs")
     assert generate_text(tiny, prompt, params=greedy) == eager
     assert compile_counters().get("unique_graphs") == graphs
