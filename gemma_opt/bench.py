@@ -28,7 +28,7 @@ from .evaluation import DEFAULT_EVAL_TEXT
 from .generation import GenerationStats, SamplingParams, generate_text, stream
 from .int8_gemv import int8_gemv
 from .int8_gemv import supported as int8_gemv_supported
-from .models import LoadedModel
+from .models import GENERATION_DEFAULTS, LoadedModel
 from .pipeline import load, optimize, resolve_device
 from .quantization import weight_bytes
 
@@ -122,7 +122,8 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
     its CUDA graphs, without a second compile."""
     loaded, device, setup = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
-    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False, **({} if sample else {"temperature": 0}))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=GENERATION_DEFAULTS["temperature"] if sample else 0,
+                            stop_at_eos=False)
     runs, bandwidths = [], []
     for repeat in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
         stats = GenerationStats()

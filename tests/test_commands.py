@@ -50,7 +50,7 @@ def test_bench_reports_every_key_against_the_baseline_and_profiles_the_variants_
         assert r["decode_tokens_per_s"] > 0 and r["peak_memory_bytes"] > r["weight_bytes"]
     assert records[0]["speedup_vs_baseline"] == 1
     assert records[1]["weight_bytes"] < records[0]["weight_bytes"]
-    assert "measured read bandwidth" in out
+    assert "measured read bandwidth" in out and "decoding: greedy" in out
     assert "profile" not in records[0]  # plain transformers, not the pipeline's decode step
     profile = records[1]["profile"]  # same process, after the timed runs
     assert profile["steps"] == 7 and profile["busy_device"] == "CPU" and profile["kernels"] is None
@@ -58,6 +58,14 @@ def test_bench_reports_every_key_against_the_baseline_and_profiles_the_variants_
     assert len(times) == 4 and times == sorted(times, reverse=True) and 0 < sum(times) <= profile["busy_ms"]
     assert "int8-eager on tiny-random:" in out and "7 decode steps profiled; a step:" in out
 
+
+def test_bench_sample_decodes_with_the_service_s_sampling_defaults_in_every_process(tmp_path):
+    out = gemma_opt("bench", "--sample", "--model", "tiny-random", "--variants", "int8-eager", "--prompt-tokens", "16",
+                    "--new-tokens", "6", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["sampling"] for r in records] == [{"temperature": 1.0, "top_p": 0.95, "top_k": 64}] * 2
+    assert all(r["decode_tokens_per_s"] > 0 for r in records)
+    assert "decoding: {'temperature': 1.0, 'top_p': 0.95, 'top_k': 64}" in out
 
 def test_profile_attributes_each_decode_step_and_rates_the_int8_gemv():
     out = gemma_opt("profile", "--model", "tiny-random", "--prompt-tokens", "16", "--new-tokens", "9")
