@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, PipelineConfig
+from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, ConfigError, PipelineConfig
 from .generation import GenerationStats, InputError, SamplingParams, build_inputs, stream
 from .models import LoadedModel
 from .cache import load_and_optimize
@@ -114,7 +114,11 @@ class Service:
 
     def get(self, sparsity: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
         """The variant for these choices: cached, or built (on the model thread) from the pristine weights."""
-        return self.thread.call(self._get, self.variant_config(sparsity, ratio, quantization))
+        try:
+            config = self.variant_config(sparsity, ratio, quantization)
+        except ConfigError as e:  # e.g. a method with sparsity_ratio 0, the web form's default
+            raise InputError(f"sparsity_method {sparsity!r} with sparsity_ratio {ratio}: {e}") from None
+        return self.thread.call(self._get, config)
 
     def generate(self, loaded: LoadedModel, prompt: str, image: Image.Image | None, system_prompt: str | None,
                  params: SamplingParams, stats: GenerationStats) -> Iterator[str]:

@@ -70,6 +70,8 @@ def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(servic
         "".join(service.generate(loaded, "word " * 5000, None, None, SamplingParams(max_new_tokens=4),
                                  GenerationStats()))
     assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4), GenerationStats()))
+    with pytest.raises(InputError, match=r"sparsity_method 'wanda' with sparsity_ratio 0.0: .*ratio must be within"):
+        service.get("wanda", 0.0, "int8_weight_only")  # the web form's ratio when the deployment prunes nothing
 
 
 def test_closing_the_stream_stops_generation_on_the_model_thread(service):
