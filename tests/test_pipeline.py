@@ -4,12 +4,13 @@ import pytest
 import torch
 from PIL import Image
 from torchao.quantization import Int8Tensor
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
 from gemma_opt.compilation import compile_counters, grouped_attention
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
-from gemma_opt.generation import SamplingParams, generate_text
+from gemma_opt.generation import SamplingParams, _sampler, generate_text
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 from gemma_opt.models import load_model
 from gemma_opt.pipeline import optimize
@@ -200,10 +201,6 @@ def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
 def test_sampling_draws_from_transformers_warped_distribution(top_k):
     """The sampler warps only the top-k logits (generation._sampler); the draws must follow what
     transformers' temperature, top-k and top-p warpers give over the whole vocabulary."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    from gemma_opt.generation import _sampler
-
     torch.manual_seed(0)
     logits = torch.randn(1, 64) * 2
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=top_k)
@@ -222,8 +219,6 @@ def test_sampling_draws_from_transformers_warped_distribution(top_k):
 def test_sampling_on_a_gpu_never_waits_for_it():
     """stream() queues the next step before a token is read; a sampler that synchronises
     (torch.multinomial checks its input with .item()) would make the host wait instead."""
-    from gemma_opt.generation import _sampler
-
     logits = torch.randn(1, 262144, device="cuda").bfloat16()
     for top_k in (64, 0):
         sample = _sampler(SamplingParams(top_k=top_k))
