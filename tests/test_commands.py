@@ -67,6 +67,7 @@ def test_bench_sample_decodes_with_the_service_s_sampling_defaults_in_every_proc
     assert all(r["decode_tokens_per_s"] > 0 for r in records)
     assert "decoding: {'temperature': 1.0, 'top_p': 0.95, 'top_k': 64}" in out
 
+
 def test_profile_attributes_each_decode_step_and_rates_the_int8_gemv():
     out = gemma_opt("profile", "--model", "tiny-random", "--prompt-tokens", "16", "--new-tokens", "9")
     assert "int8-head-compile on tiny-random:" in out and "8 decode steps profiled" in out

@@ -214,7 +214,6 @@ def test_sampling_draws_from_transformers_warped_distribution(top_k):
     assert (counts / draws - expected).abs().max() < 0.03
 
 
-
 @ON_GPU
 def test_sampling_on_a_gpu_never_waits_for_it():
     """stream() queues the next step before a token is read; a sampler that synchronises

@@ -178,6 +178,7 @@ def test_whole_number_temperature_and_top_p_sample_as_the_same_floats(tiny_serve
     assert all(b["status"] == "succeeded" for b in bodies), bodies
     assert bodies[0]["output"] == bodies[1]["output"]
 
+
 def test_switching_sparsity_back_and_forth_is_reproducible(tiny_server):
     def run(method, ratio):
         body = tiny_server.predict(prompt="Tell me a story", max_new_tokens=10, seed=1234, temperature=1.0,
