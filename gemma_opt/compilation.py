@@ -70,8 +70,7 @@ class DecodeCache(StaticCache):
     def __init__(self, config, max_cache_len: int, kv_bucket: int | None, dtype: torch.dtype, device):
         text = config.get_text_config(decoder=True)
         Cache.__init__(self, layers=[StaticLayer(max_cache_len=max_cache_len) for _ in range(text.num_hidden_layers)])
-        self.model_config, self.max_cache_len, self.kv_bucket = config, max_cache_len, kv_bucket
-        self.sliding_window = text.sliding_window
+        self.max_cache_len, self.kv_bucket, self.sliding_window = max_cache_len, kv_bucket, text.sliding_window
         self.kv_positions = torch.arange(max_cache_len, device=device)
         self.blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
 
@@ -90,10 +89,11 @@ class DecodeCache(StaticCache):
             torch._dynamo.mark_dynamic(mask, 3)
         return masks
 
-    def dynamic_copy(self, length: int) -> DynamicCache:
-        """The first ``length`` positions in transformers' dynamic cache (sliding layers keep
-        their window), for a request that outgrows this one to go on eagerly."""
-        dynamic = DynamicCache(config=self.model_config)
+    def dynamic_copy(self, length: int, config) -> DynamicCache:
+        """The first ``length`` positions in transformers' dynamic cache for the model's
+        ``config`` (sliding layers keep their window), for a request that outgrows this one to
+        go on eagerly."""
+        dynamic = DynamicCache(config=config)
         for index, layer in enumerate(self.layers):
             dynamic.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)
         return dynamic
