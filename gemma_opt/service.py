@@ -16,8 +16,9 @@ from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, ConfigError, PipelineConfig
 from .generation import GenerationStats, InputError, SamplingParams, build_inputs, stream
@@ -159,8 +160,22 @@ def open_image(path: str | Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
+                return _upright_on_white(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image: too large to decode safely (limit {MAX_IMAGE_PIXELS:,} pixels): {e}") from None
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"image: not a readable image file ({type(e).__name__}: {e})") from None
+
+
+def _upright_on_white(image: Image.Image) -> Image.Image:
+    """The image in 8-bit RGB as a viewer shows it. A plain ``convert("RGB")`` gets three kinds
+    of file wrong: a phone's portrait (landscape pixels plus an EXIF orientation tag) lies on
+    its side; transparent pixels keep the colour under them, often black, so a black logo on a
+    transparent background became all black (transformers' ``convert_to_rgb`` composites over
+    white too); and 16-bit grey (scans, X-rays) is clipped at 255, nearly all white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return image.convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")

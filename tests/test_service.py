@@ -5,13 +5,15 @@ import gc
 import threading
 import weakref
 
+import numpy as np
 import pytest
 import torch
+from PIL import ExifTags, Image, ImageDraw
 
 from gemma_opt.compilation import compile_counters
 from gemma_opt.config import PipelineConfig
 from gemma_opt.generation import GenerationStats, InputError, SamplingParams
-from gemma_opt.service import Service
+from gemma_opt.service import Service, open_image
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +106,43 @@ def test_each_variant_compiles_its_own_decode_step_whatever_dynamo_s_recompile_l
     assert built[0]() is None and built[1]() is not None  # one extra variant kept; dynamo holds no weights
     assert "".join(service.generate(service.default[0], "Hi", None, None, greedy, GenerationStats()))
     assert compile_counters()["unique_graphs"] == graphs + 2  # the default kept its graph
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_images_are_seen_on_white_as_a_viewer_shows_them(tmp_path, mode):
+    """A black mark on a transparent background (a logo, a diagram) must not become black on black."""
+    image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    ImageDraw.Draw(image).rectangle([8, 8, 23, 23], fill=(0, 0, 0, 255))
+    path = tmp_path / "mark.png"
+    (image.convert("LA") if mode == "LA" else image.convert("P") if mode == "P" else image).save(path)
+    assert Image.open(path).mode == mode
+
+    pixels = np.asarray(open_image(path))
+    assert pixels.shape == (32, 32, 3)
+    assert (pixels[0, 0] == 255).all() and (pixels[16, 16] == 0).all()
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """Phones store a portrait photo as landscape pixels plus an orientation tag (6: turn 90° clockwise)."""
+    image = Image.new("RGB", (40, 20), "blue")
+    ImageDraw.Draw(image).rectangle([0, 0, 19, 19], fill="red")  # left half
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    path = tmp_path / "portrait.jpg"
+    image.save(path, exif=exif)
+
+    upright = open_image(path)
+    assert upright.size == (20, 40)
+    top, bottom = np.asarray(upright)[5, 10], np.asarray(upright)[35, 10]
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the left half is now on top
+
+
+def test_16_bit_grey_images_keep_their_tones(tmp_path):
+    """16-bit grey PNG and TIFF (scans, X-rays): Pillow's own conversion clips them at 255, nearly all white."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / "scan.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+
+    pixels = np.asarray(open_image(path)).astype(int)
+    assert np.abs(pixels[..., 0] - ramp // 256).max() <= 1 and (pixels[..., 0] == pixels[..., 2]).all()
