@@ -15,23 +15,43 @@ GEMMA_REVISION = "093f9f388b31de276ce2de164bdc2081324b9767"
 
 
 def predict(args) -> None:
-    """Run predict.py's Predictor in-process, like `cog predict -i name=value -i file=@path`."""
+    """Run predict.py's Predictor in-process, like `cog predict -i name=value -i file=@path`; a
+    file input may also be a URL or data URI, downloaded as Cog's server does. Inputs are
+    checked, and URLs downloaded, before the model loads: a typo costs no setup. Errors are
+    one line, as the server's are."""
     from cog import Path as CogPath
     from cog import _inspector
+    from cog.types import URLPath
+    from requests import RequestException  # what cog downloads URLs with
 
     from .cog_schema import predictor_info
+    from .generation import InputError
 
     sys.path.insert(0, os.getcwd())
     info = predictor_info(args.predictor)
     values = {}
     for item in args.input:
         key, _, value = item.partition("=")
+        if value.startswith("@") and not os.path.isfile(value[1:]):
+            sys.exit(f"{key}: no such file: {value[1:]}")
         values[key] = CogPath(value[1:]) if value.startswith("@") else value
-    inputs = _inspector.check_input(info.inputs, values)
+    try:
+        inputs = _inspector.check_input(info.inputs, values)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for key, value in inputs.items():
+        if isinstance(value, URLPath):
+            try:
+                inputs[key] = value.convert()
+            except RequestException as e:
+                sys.exit(f"{key}: could not download {value}: {e}")
     predictor = getattr(importlib.import_module(info.module_name), info.predictor_name)()
     predictor.setup()
-    for text in predictor.run(**inputs):
-        print(text, end="", flush=True)
+    try:
+        for text in predictor.run(**inputs):
+            print(text, end="", flush=True)
+    except InputError as e:
+        sys.exit(f"\nerror: {e}")
     print()
 
 

@@ -1,3 +1,7 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
 from gemma_opt.models import load_model
@@ -7,3 +11,31 @@ from gemma_opt.models import load_model
 def tiny():
     """A fresh tiny random Gemma3ForConditionalGeneration (tests modify it in place)."""
     return load_model("tiny-random")
+
+
+class _Files(BaseHTTPRequestHandler):
+    """Serves images and receives webhooks, on 127.0.0.1 only."""
+    files: dict[str, bytes] = {}
+    webhooks: list[dict] = []
+
+    def do_GET(self):
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def do_POST(self):
+        self.webhooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_files():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", _Files
+    server.shutdown()

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import subprocess
@@ -40,12 +41,33 @@ def test_openapi_schema_is_in_sync_with_predict_py():
     assert committed["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
 
 
+def local_predict(*inputs: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_COMPILE_MODE": "none"}
+    args = [arg for item in ("prompt=What colour?", "max_new_tokens=5", *inputs) for arg in ("-i", item)]
+    return subprocess.run([sys.executable, "-m", "gemma_opt", "predict", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_local_predict_mirrors_cog_predict(tmp_path):
     photo = tmp_path / "photo.jpg"
     Image.new("RGB", (80, 60), (10, 20, 200)).save(photo)
-    env = {**os.environ, "GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_COMPILE_MODE": "none"}
-    run = subprocess.run([sys.executable, "-m", "gemma_opt", "predict", "-i", "prompt=What colour?",
-                          "-i", f"image=@{photo}", "-i", "max_new_tokens=5", "-i", "seed=3"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = local_predict(f"image=@{photo}", "seed=3")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "seed: 3" in run.stdout and run.stdout.strip().splitlines()[-1].strip()
+
+
+def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_loading(tmp_path, http_files):
+    """As Cog's server takes a URL for a file input; a typo fails in one line, before the model loads."""
+    base, served = http_files
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), (10, 20, 200)).save(buffer, format="PNG")
+    served.files["/photo.png"] = buffer.getvalue()
+    run = local_predict(f"image={base}/photo.png")
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    for item, message in [(f"image=@{tmp_path}/typo.jpg", f"image: no such file: {tmp_path}/typo.jpg"),
+                          (f"image={base}/typo.png", f"image: could not download {base}/typo.png: 404"),
+                          ("temperature=5", "error: temperature fails constraint <= 2")]:
+        run = local_predict(item)
+        assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and "filter map" not in run.stdout  # the model never loaded

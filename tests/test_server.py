@@ -3,9 +3,7 @@
 import base64
 import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -24,34 +22,6 @@ def png_bytes(size=(96, 64), color=(30, 160, 90), mode="RGB") -> bytes:
 
 def data_uri(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-class _Files(BaseHTTPRequestHandler):
-    """Serves images and receives webhooks, on 127.0.0.1 only."""
-    files: dict[str, bytes] = {}
-    webhooks: list[dict] = []
-
-    def do_GET(self):
-        body = self.files.get(self.path)
-        self.send_response(200 if body is not None else 404)
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def do_POST(self):
-        self.webhooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def http_files():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", _Files
-    server.shutdown()
 
 
 @pytest.fixture(scope="module")
