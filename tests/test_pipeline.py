@@ -10,7 +10,7 @@ from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 from gemma_opt.compilation import compile_counters, grouped_attention
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
-from gemma_opt.generation import SamplingParams, _sampler, generate_text
+from gemma_opt.generation import SamplingParams, _sampler, build_inputs, generate_text, stream
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 from gemma_opt.models import load_model
 from gemma_opt.pipeline import optimize
@@ -123,6 +123,18 @@ def test_compiled_int8_decode_runs_one_int8_kernel_per_linear_and_our_attention_
         assert counters["inductor"]["woq_matcher_count"] - before >= linears
         assert calls["aten::_weight_int8pack_mm"] == 4 * linears and "gemma_opt::int8_gemv" not in calls
         assert "gemma_opt::decode_attention" not in calls
+
+
+def test_streamed_pieces_join_to_the_tokenizer_s_decode_of_generate_s_tokens():
+    """The real 270M (a base model: it echoes the prompt) writes 𓀀, four byte tokens: the streamed text is
+    what transformers' generate() and decode give, never a broken character."""
+    real = load_model("gemma-3-270m")
+    inputs = build_inputs(real, "Repeat after me: the treble clef 𓀀 and 𝄞.", max_new_tokens=40)
+    ids = real.model.generate(**inputs, max_new_tokens=40, do_sample=False, eos_token_id=real.eos_token_ids)
+    expected = real.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    pieces = list(stream(real, inputs, SamplingParams(max_new_tokens=40, temperature=0)))
+    assert "".join(pieces) == expected and "𓀀" in expected
+    assert len(pieces) > 10 and not any("\ufffd" in piece for piece in pieces)
 
 
 @NEEDS_AVX512
