@@ -16,7 +16,6 @@ from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -175,7 +174,7 @@ def _upright_on_white(image: Image.Image) -> Image.Image:
     white too); and 16-bit grey (scans, X-rays) is clipped at 255, nearly all white."""
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
     if "A" not in image.getbands() and "transparency" not in image.info:
         return image.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
