@@ -114,6 +114,7 @@ def test_compiled_int8_decode_runs_one_int8_kernel_per_linear_and_our_attention_
         generate_text(tiny, "Hello", params=SamplingParams(max_new_tokens=5, temperature=0, stop_at_eos=False))
     calls = {e.key: e.count for e in prof.key_averages()}
     linears = 4 * 7 + 1  # seven in each of 4 layers, and the head
+    assert calls["aten::scaled_dot_product_attention"] == 4  # the prompt's, in each layer; never a decoded token's
     if int8_gemv:  # ours in the four decode steps after the prefill's token, and the prefill's head (one row)
         assert f"INT8 GEMV kernel ({linears} linears)" in report.compiled
         assert calls["gemma_opt::int8_gemv"] == 4 * linears + 1 and "aten::_weight_int8pack_mm" not in calls
@@ -168,12 +169,13 @@ def test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_tex
 
 
 @pytest.mark.parametrize("kv_heads", [1, 4])  # the 270M's one KV head, the 4B's four
-def test_grouped_attention_equals_transformers_eager_attention(kv_heads):
+@pytest.mark.parametrize("q_len", [1, 3])  # a decoded token (matmul-softmax), a prompt (SDPA, without softcap)
+def test_grouped_attention_equals_transformers_eager_attention(kv_heads, q_len):
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=8 // kv_heads, training=False)
-    query, key, value = torch.randn(1, 8, 3, 16), torch.randn(1, kv_heads, 40, 16), torch.randn(1, kv_heads, 40, 16)
+    query, key, value = torch.randn(1, 8, q_len, 16), torch.randn(1, kv_heads, 40, 16), torch.randn(1, kv_heads, 40, 16)
     blocked = torch.finfo(torch.float32).min
-    mask = torch.where(torch.rand(1, 1, 3, 40) < 0.7, 0.0, blocked)
+    mask = torch.where(torch.rand(1, 1, q_len, 40) < 0.7, 0.0, blocked)
     expected = eager_attention_forward(module, query, key, value, mask, scaling=0.25, softcap=50.0)[0]
     torch.testing.assert_close(grouped_attention(module, query, key, value, mask, scaling=0.25, softcap=50.0)[0],
                                expected)
