@@ -55,6 +55,11 @@ def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: st
     system prompt into the first user turn, and so does ours."""
     if image is not None and not loaded.has_vision:
         raise InputError(f"this model ({loaded.name}) has no vision tower; send the prompt without an image")
+    if loaded.processor is not None:  # it expands these itself; typed in, they broke its count of images
+        for marker in (loaded.processor.boi_token, loaded.processor.tokenizer.image_token):
+            if marker in prompt or marker in (system_prompt or ""):
+                raise InputError(f"the prompt contains {marker}, Gemma's marker for where an image goes; "
+                                 "send the picture as the `image` input and leave the marker out")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": ([{"type": "image"}] if image is not None else [])
                      + [{"type": "text", "text": prompt}]})

@@ -71,6 +71,13 @@ def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(servic
     with pytest.raises(InputError, match="exceeds this model's context"):
         "".join(service.generate(loaded, "word " * 5000, None, None, SamplingParams(max_new_tokens=4),
                                  GenerationStats()))
+    # Gemma's image markers typed into a prompt: transformers' processor failed with a ValueError about counts
+    image = Image.new("RGB", (64, 64), "red")
+    for prompt, system_prompt, picture in [("What is <start_of_image>?", None, None), ("Hi", "<start_of_image>", None),
+                                           ("Look: <image_soft_token>", None, image)]:
+        with pytest.raises(InputError, match="Gemma's marker for where an image goes"):
+            "".join(service.generate(loaded, prompt, picture, system_prompt, SamplingParams(max_new_tokens=4),
+                                     GenerationStats()))
     assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4), GenerationStats()))
     with pytest.raises(InputError, match=r"sparsity_method 'wanda' with sparsity_ratio 0.0: .*ratio must be within"):
         service.get("wanda", 0.0, "int8_weight_only")  # the web form's ratio when the deployment prunes nothing
