@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+from pillow_heif import register_heif_opener
 
 from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, ConfigError, PipelineConfig
 from .generation import GenerationStats, InputError, SamplingParams, build_inputs, stream
@@ -26,6 +27,7 @@ from .cache import load_and_optimize
 from .pipeline import Report, load, optimize, resolve_device
 
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as decompression bombs
+register_heif_opener()  # iPhones' photos (HEIC), beside what Pillow reads itself (JPEG, PNG, WebP, AVIF, ...)
 
 
 class ModelThread:

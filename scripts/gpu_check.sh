@@ -35,7 +35,7 @@ if [[ "${1:-}" == "prepare" ]]; then
     # safetensors, numpy, Pillow, PyYAML and tqdm are used as they are.
     rm -rf .gpu && mkdir -p .gpu/wheels
     py=${PYTHON:-.venv/bin/python}
-    pins=$(grep -E '^(transformers|tokenizers|torchao|pydantic|cog|requests)==' requirements.txt)
+    pins=$(grep -E '^(transformers|tokenizers|torchao|pydantic|cog|requests|pillow-heif)==' requirements.txt)
     # (the Cog server for SERVED_VARIANTS: coglet and what cog and requests need, at .venv's versions)
     for pkg in $pins pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions coglet==0.23.1 \
             structlog==26.1.0 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3; do

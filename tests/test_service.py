@@ -6,6 +6,7 @@ import threading
 import weakref
 
 import numpy as np
+import pillow_heif
 import pytest
 import torch
 from PIL import ExifTags, Image, ImageDraw
@@ -153,3 +154,12 @@ def test_16_bit_grey_images_keep_their_tones(tmp_path):
 
     pixels = np.asarray(open_image(path)).astype(int)
     assert np.abs(pixels[..., 0] - ramp // 256).max() <= 1 and (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_iphone_photos_in_heic_are_read(tmp_path):
+    """HEIC is what iPhones store photos in; Pillow alone cannot read it."""
+    path = tmp_path / "IMG_0001.HEIC"
+    pillow_heif.from_pillow(Image.new("RGB", (48, 32), (200, 30, 30))).save(path)
+
+    pixels = np.asarray(open_image(path)).astype(int)
+    assert pixels.shape == (32, 48, 3) and np.abs(pixels - [200, 30, 30]).max() < 12  # lossy
