@@ -1,5 +1,6 @@
 """The serving core: whichever thread a request arrives on, the model runs on the service's own thread;
-each model (the default, each variant) keeps its own compiled decode step."""
+each model (the default, each variant) keeps its own compiled decode step; a request's image is read as
+a viewer shows it."""
 
 import gc
 import threading
@@ -122,7 +123,7 @@ def test_transparent_images_are_seen_on_white_as_a_viewer_shows_them(tmp_path, m
     image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     ImageDraw.Draw(image).rectangle([8, 8, 23, 23], fill=(0, 0, 0, 255))
     path = tmp_path / "mark.png"
-    (image.convert("LA") if mode == "LA" else image.convert("P") if mode == "P" else image).save(path)
+    image.convert(mode).save(path)
     assert Image.open(path).mode == mode
 
     pixels = np.asarray(open_image(path))
