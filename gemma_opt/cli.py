@@ -32,9 +32,11 @@ def predict(args) -> None:
     values = {}
     for item in args.input:
         key, _, value = item.partition("=")
-        if value.startswith("@") and not os.path.isfile(value[1:]):
-            sys.exit(f"{key}: no such file: {value[1:]}")
-        values[key] = CogPath(value[1:]) if value.startswith("@") else value
+        if value.startswith("@"):
+            if not os.path.isfile(value[1:]):
+                sys.exit(f"{key}: no such file: {value[1:]}")
+            value = CogPath(value[1:])
+        values[key] = value
     try:
         inputs = _inspector.check_input(info.inputs, values)
     except ValueError as e:

@@ -1,8 +1,10 @@
+import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
 
 from gemma_opt.models import load_model
 
@@ -11,6 +13,12 @@ from gemma_opt.models import load_model
 def tiny():
     """A fresh tiny random Gemma3ForConditionalGeneration (tests modify it in place)."""
     return load_model("tiny-random")
+
+
+def png_bytes(size=(96, 64), color=(30, 160, 90), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class _Files(BaseHTTPRequestHandler):

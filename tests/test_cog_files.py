@@ -1,4 +1,3 @@
-import io
 import json
 import os
 import subprocess
@@ -10,6 +9,8 @@ import jsonschema
 import pytest
 import yaml
 from PIL import Image
+
+from conftest import png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
@@ -59,9 +60,7 @@ def test_local_predict_mirrors_cog_predict(tmp_path):
 def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_loading(tmp_path, http_files):
     """As Cog's server takes a URL for a file input; a typo fails in one line, before the model loads."""
     base, served = http_files
-    buffer = io.BytesIO()
-    Image.new("RGB", (80, 60), (10, 20, 200)).save(buffer, format="PNG")
-    served.files["/photo.png"] = buffer.getvalue()
+    served.files["/photo.png"] = png_bytes()
     run = local_predict(f"image={base}/photo.png")
     assert run.returncode == 0, run.stderr[-2000:]
 

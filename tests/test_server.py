@@ -9,15 +9,10 @@ import pytest
 import requests
 from PIL import Image
 
+from conftest import png_bytes
 from gemma_opt.cog_server import CogServer
 
 pytestmark = pytest.mark.slow
-
-
-def png_bytes(size=(96, 64), color=(30, 160, 90), mode="RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def data_uri(data: bytes, mime="image/png") -> str:
