@@ -377,7 +377,7 @@ def served(model: str, variants: list[str], prompt_tokens: int, new_tokens: int,
             try:
                 health = server.wait_until_set_up()
                 if health["status"] != "READY":
-                    raise SystemExit(f"{name}: the server's setup failed; log: {server.log.name}")
+                    raise SystemExit(f"{name}: the server's setup failed:\n{server.tail()}")
                 answers = [server.predict(prompt=prompt, max_new_tokens=new_tokens, temperature=0).json()
                            for _ in range(repeats + 1)]
             finally:

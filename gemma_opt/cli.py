@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--sample", action="store_true", help="sample with the service's defaults (temperature, "
                        "top-p, top-k) instead of greedy decoding, the baseline's generate() too")
         if name == "bench":
-            p.add_argument("--variants", default="int8-eager,int8-compile", help="comma list of named variants")
+            p.add_argument("--variants", default="int8-head-compile", help="comma list of named variants (bench.py's "
+                           "VARIANTS; the default is the default pipeline), each against hf-eager-bf16")
             p.add_argument("--json")
             p.add_argument("--cold-boot", action="store_true", help="setup time per variant without and with "
                            "the cold-boot cache, each boot a fresh process")

@@ -21,8 +21,11 @@ def free_port() -> int:
 
 
 class CogServer:
-    def __init__(self, env: dict[str, str], base_env: dict[str, str] | None = None):
-        self.port = free_port()
+    """``python -m gemma_opt serve`` in a subprocess. Its output goes to a temporary log, which
+    ``stop`` removes: errors quote its last lines instead."""
+
+    def __init__(self, env: dict[str, str], base_env: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", prefix="cog-server-", suffix=".log", delete=False)
         # `python -m gemma_opt serve` execs `python -m cog.server.http` on predict.py.
@@ -37,9 +40,12 @@ class CogServer:
     def wait_until_set_up(self, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:  # e.g. the port was taken: coglet exits at once
+                raise RuntimeError(f"the server exited (code {self.process.returncode}) before it was set up:\n"
+                                   f"{self.tail()}")
             try:
                 health = self.health()
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or not this server
                 time.sleep(0.2)
                 continue
             if not self.statuses or self.statuses[-1] != health["status"]:
@@ -47,7 +53,7 @@ class CogServer:
             if health["status"] not in ("STARTING",):
                 return health
             time.sleep(0.5)
-        raise TimeoutError(f"server not set up after {timeout}s: {self.statuses}; log: {self.log.name}")
+        raise TimeoutError(f"server not set up after {timeout}s: {self.statuses}\n{self.tail()}")
 
     def post(self, body: dict, headers: dict | None = None, timeout: float = 300, stream: bool = False) -> requests.Response:
         """POST /predictions. coglet frees a prediction's slot a moment after answering it (9 of 40
@@ -68,9 +74,15 @@ class CogServer:
         """Everything the server process printed, worker lines included (JSON log records)."""
         return Path(self.log.name).read_text()
 
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
     def stop(self) -> None:
         self.process.terminate()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.close()
+        os.unlink(self.log.name)

@@ -3,7 +3,9 @@
 import base64
 import io
 import json
+import socket
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -40,6 +42,19 @@ def test_setup_failure_says_how_to_get_the_weights():
         assert "python -m gemma_opt download" in health["setup"]["logs"]
     finally:
         server.stop()
+
+
+def test_a_server_that_cannot_start_says_why_at_once_and_leaves_no_log():
+    with socket.socket() as taken:  # another server on the port: coglet exits at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = CogServer({"GEMMA_OPT_MODEL": "tiny-random"}, port=taken.getsockname()[1])
+        try:
+            with pytest.raises(RuntimeError, match="exited .* before it was set up(.|\n)*Address already in use"):
+                server.wait_until_set_up(120)
+        finally:
+            server.stop()
+    assert not Path(server.log.name).exists()
 
 
 def test_image_as_data_uri_and_as_http_url(tiny_server, http_files):
