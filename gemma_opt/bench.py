@@ -43,6 +43,8 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
     "int8-head-compile-aten": {"quant": {"head": True}, "compile": {"int8_gemv": False}},
     # the default pipeline with a decoded token's attention as two bmm calls instead of our CPU kernel
     "int8-head-compile-bmm": {"quant": {"head": True}, "compile": {"decode_attention": False}},
+    # the default pipeline with q/k/v and gate/up as separate INT8 matrices, a kernel call each
+    "int8-head-compile-unfused": {"quant": {"head": True}, "compile": {"fuse_projections": False}},
     # inductor's max-autotune (with CUDA graphs): on a GPU its Triton GEMM templates can fuse
     # the int8 -> bf16 cast into the matmul, which plain compile leaves as a separate kernel
     "int8-head-autotune": {"quant": {"head": True}, "compile": {"mode": "max-autotune"}},

@@ -37,7 +37,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from .config import CompileConfig
 from .filtering import VISION_TOWER, repeated_blocks
 from .generation import SamplingParams, generate_text, next_token_logits
-from .int8_gemv import device_ops, supported, use_int8_gemv
+from .int8_gemv import device_ops, fuse_projections, supported, use_int8_gemv
 from .models import LoadedModel
 
 ATTENTION = "gemma_opt_grouped"
@@ -182,6 +182,8 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
         compiled.append(f"decode-attention kernel ({model.device.type})")
     if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512, CUDA with Triton
         compiled.append(f"INT8 GEMV kernel ({swapped} linears)")
+        if config.fuse_projections and (fused := fuse_projections(model)):
+            compiled.append(f"fused q/k/v and gate/up projections ({fused} modules)")
     if config.vision:
         vision = {n: b for n, b in repeated_blocks(model, vision=True).items() if VISION_TOWER in n}
         for block in vision.values():

@@ -22,6 +22,7 @@ in ``TORCH_EXTENSIONS_DIR``), in one extension with our CPU decode-attention ker
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import shutil
 from functools import cache
@@ -31,8 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchao.quantization import Int8Tensor
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3MLP
 
 SOURCE = Path(__file__).with_suffix(".cpp")
+# Modules whose forward reads its input only through these projections (and the input's
+# shape), as transformers 5.23 writes them: the input can be their fused output instead.
+FUSABLE = {Gemma3Attention: ("q_proj", "k_proj", "v_proj"), Gemma3MLP: ("gate_proj", "up_proj")}
 
 
 @cache  # asked once per linear when swapping: the CPU capability and Triton lookups once
@@ -114,6 +119,19 @@ class Int8GemvLinear(nn.Module):
         y = self.gemv(x, self.qdata, self.scale)
         return y if self.bias is None else y + self.bias
 
+    @classmethod
+    def side_by_side(cls, linears: list[Int8GemvLinear]) -> Int8GemvLinear:
+        """One linear, without bias, whose output is the outputs of ``linears`` side by side:
+        their INT8 rows and scales in one matrix."""
+        weights = [linear.weight for linear in linears]
+        zero_points = [w.zero_point for w in weights]
+        weight = Int8Tensor(torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights]),
+                            list(weights[0].block_size), weights[0].dtype,
+                            zero_point=None if zero_points[0] is None else torch.cat(zero_points))
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        return cls(linear)
+
 
 def use_int8_gemv(model: nn.Module) -> int:
     """Swap every per-row INT8 weight-only ``nn.Linear`` whose device the kernel supports for
@@ -123,6 +141,45 @@ def use_int8_gemv(model: nn.Module) -> int:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, Int8GemvLinear(model.get_submodule(name)))
     return len(linears)
+
+
+class OutputColumns(nn.Module):
+    """A projection fused into its module's ``fused_proj``: its columns of the fused output."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, fused: Tensor) -> Tensor:
+        return fused[..., self.start:self.stop]
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """One INT8 matrix for the projections that read the same input, q, k and v, and gate and
+    up: one GEMV call where there were three or two, and a longer read, which a small matrix
+    makes at a lower rate. The module's input is replaced by their fused output (a forward
+    pre-hook), and each projection by its columns of it, so transformers' forward runs as
+    written. Where all of them are ``Int8GemvLinear`` without bias; returns how many modules."""
+    fused = 0
+    for module in list(model.modules()):  # a list: the loop replaces submodules
+        names = FUSABLE.get(type(module), ())
+        projections = [getattr(module, name) for name in names]
+        if not projections or not all(type(p) is Int8GemvLinear and p.bias is None for p in projections):
+            continue
+        module.fused_proj = Int8GemvLinear.side_by_side(projections)
+        bounds = list(itertools.accumulate((p.out_features for p in projections), initial=0))
+        for name, start, stop in zip(names, bounds, bounds[1:]):
+            setattr(module, name, OutputColumns(start, stop))
+        module.register_forward_pre_hook(_input_through_fused_proj, with_kwargs=True)
+        fused += 1
+    return fused
+
+
+def _input_through_fused_proj(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The MLP's input comes positionally, the attention's as ``hidden_states=``."""
+    if args:
+        return (module.fused_proj(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": module.fused_proj(kwargs["hidden_states"])}
 
 
 def _per_row_int8_linear(module: nn.Module) -> bool:

@@ -4,12 +4,14 @@
 #   1. the Triton kernels' tests (tests/test_int8_gemv_cuda.py, tests/test_decode_attention_cuda.py),
 #      on the GPU for real, and the compiled decode loop's (plain compile and CUDA graphs,
 #      next step queued before a token is read) on a tiny model, a request that outgrows the
-#      static cache, and that sampling never waits for the GPU (~1 minute);
+#      static cache, that sampling never waits for the GPU, and the fused q/k/v and gate/up
+#      projections on the Triton GEMV (~1 minute);
 #   2. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
-#      weight-only, head too, our GEMV kernel, our decode-attention kernel, compiled decode
-#      step with CUDA graphs; its compile took 144 s on the H200) and the same with the
-#      attention as two bmm calls (int8-head-compile-bmm: run 3's step). VARIANTS= picks
-#      others, e.g. bf16-compile, or int8-head-compile-aten (torchao's path). Then each
+#      weight-only, head too, our GEMV kernel with q/k/v and gate/up fused, our decode-attention
+#      kernel, compiled decode step with CUDA graphs; its compile took 144 s on the H200) and
+#      the same with the attention as two bmm calls (int8-head-compile-bmm, run 3's attention).
+#      VARIANTS= picks others, e.g. int8-head-compile-unfused (a GEMV call per projection, as
+#      in run 3), bf16-compile, or int8-head-compile-aten (torchao's path). Then each
 #      variant's decode step is profiled in the same process (`--profile`: GPU busy time
 #      against the step's wall time, kernels a step, the PROFILE_TOP=15 longest kernels),
 #      with its CUDA graphs and no second compile.
@@ -74,7 +76,8 @@ if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
         tests/test_decode_attention_cuda.py \
         "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets" \
         tests/test_pipeline.py::test_sampling_on_a_gpu_never_waits_for_it \
-        "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text"
+        "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text" \
+        "tests/test_pipeline.py::test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up"
 fi
 if [[ "${KERNEL_BENCH:-0}" != 0 ]]; then
     step int8_gemv_bench.log ${KERNEL_TIMEOUT:-120} 14 python3 scripts/int8_gemv_bench.py --device cuda

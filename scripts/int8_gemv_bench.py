@@ -22,7 +22,7 @@ from gemma_opt.int8_gemv import int8_gemv
 
 SHAPES = {"q_proj": (2048, 2560), "k/v_proj": (1024, 2560), "o_proj": (2560, 2048), "gate/up_proj": (10240, 2560),
           "down_proj": (2560, 10240), "lm_head": (262144, 2560),
-          # not in the model: q, k and v as one matrix, gate and up as one (would one read of each be faster?)
+          # q, k and v as one matrix, gate and up as one: what the decode step runs (int8_gemv.fuse_projections)
           "qkv_fused": (4096, 2560), "gate_up_fused": (20480, 2560)}
 
 
@@ -71,9 +71,11 @@ def tiling_rates(rows: int, cols: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"some of {', '.join(SHAPES)}, or OUTxIN "
+                        "(the 270M's q, k/v and q/k/v fused: 1024x640,256x640,1536x640)")
     args = parser.parse_args()
-    device, shapes = args.device, {name: SHAPES[name] for name in args.shapes.split(",")}
+    device = args.device
+    shapes = {name: SHAPES.get(name) or tuple(map(int, name.split("x"))) for name in args.shapes.split(",")}
     torch.manual_seed(0)
     names = ["torchao", "ours", "sum"] + (["bf16"] if device == "cuda" else [])
     print(f"{'matrix':>13} {'out x in':>13}   GB/s: " + " ".join(f"{n:>7}" for n in names) + "   ours/torchao")

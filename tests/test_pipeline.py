@@ -11,6 +11,7 @@ from gemma_opt.compilation import compile_counters, grouped_attention
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.generation import SamplingParams, _sampler, build_inputs, generate_text, stream
+from gemma_opt.int8_gemv import OutputColumns, fuse_projections, use_int8_gemv
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 from gemma_opt.models import load_model
 from gemma_opt.pipeline import optimize
@@ -99,7 +100,7 @@ def test_int8_head_is_one_shared_table_and_keeps_the_logits(tiny):
 
 
 @pytest.mark.parametrize("int8_gemv", [pytest.param(True, marks=NEEDS_AVX512), False])
-def test_compiled_int8_decode_runs_one_int8_kernel_per_linear_and_our_attention_kernel(tiny, int8_gemv):
+def test_compiled_int8_decode_runs_one_int8_kernel_per_matrix_and_our_attention_kernel(tiny, int8_gemv):
     from torch._dynamo.utils import counters
     from torch.profiler import profile
 
@@ -117,13 +118,40 @@ def test_compiled_int8_decode_runs_one_int8_kernel_per_linear_and_our_attention_
     assert calls["aten::scaled_dot_product_attention"] == 4  # the prompt's, in each layer; never a decoded token's
     if int8_gemv:  # ours in the four decode steps after the prefill's token, and the prefill's head (one row)
         assert f"INT8 GEMV kernel ({linears} linears)" in report.compiled
-        assert calls["gemma_opt::int8_gemv"] == 4 * linears + 1 and "aten::_weight_int8pack_mm" not in calls
+        assert "fused q/k/v and gate/up projections (8 modules)" in report.compiled
+        calls_per_step = 4 * 4 + 1  # q/k/v, o, gate/up and down in each layer, and the head
+        assert calls["gemma_opt::int8_gemv"] == 4 * calls_per_step + 1 and "aten::_weight_int8pack_mm" not in calls
         assert "decode-attention kernel (cpu)" in report.compiled
         assert calls["gemma_opt::decode_attention"] == 4 * 4  # each layer of the four decode steps
     else:  # inductor rewrote torchao's int8 weight-only linears into ATen's kernel
         assert counters["inductor"]["woq_matcher_count"] - before >= linears
         assert calls["aten::_weight_int8pack_mm"] == 4 * linears and "gemma_opt::int8_gemv" not in calls
         assert "gemma_opt::decode_attention" not in calls
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=NEEDS_AVX512), pytest.param("cuda", marks=ON_GPU)])
+def test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up(device):
+    tiny = load_model("tiny-random", device, dtype=torch.float32)
+    model = tiny.model
+    assert fuse_projections(model) == 0  # nothing on our INT8 kernel: nothing to fuse
+    quantize(model, build_filter_map(model), QuantConfig(head=True))
+    use_int8_gemv(model)
+    size, names = weight_bytes(model), set(model.state_dict())
+    prompt, token = torch.tensor([[2, 17, 260, 1000, 31, 9]], device=device), torch.tensor([[2]], device=device)
+    with torch.inference_mode():
+        before = [model(input_ids=ids).logits for ids in (prompt, token)]  # prefill rows; one decoded row
+        assert fuse_projections(model) == 4 + 4  # the attention and the MLP of each layer
+        after = [model(input_ids=ids).logits for ids in (prompt, token)]
+    torch.testing.assert_close(after[0], before[0])  # several rows: torchao's linear on the fused matrix
+    torch.testing.assert_close(after[1], before[1])  # one row: our kernel
+    layer = model.model.language_model.layers[0]
+    assert all(isinstance(getattr(layer.self_attn, n), OutputColumns) for n in ("q_proj", "k_proj", "v_proj"))
+    assert layer.self_attn.fused_proj.weight.shape == (2 * 32 + 2 * 32, 64)  # 2 query heads, 1 KV head, of 32
+    assert layer.mlp.fused_proj.weight.shape == (2 * 128, 64)
+    assert weight_bytes(model) == size  # the matrices moved, none is kept twice
+    fused = {n for n in names if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+             and "vision" not in n}
+    assert fused == names - set(model.state_dict())
 
 
 def test_streamed_pieces_join_to_the_tokenizer_s_decode_of_generate_s_tokens():
