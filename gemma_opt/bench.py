@@ -128,13 +128,7 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
                             stop_at_eos=False)
     runs, bandwidths = [], []
     for repeat in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
-        stats = GenerationStats()
-        if VARIANTS[variant] is None:
-            hf_generate(loaded, inputs, params, stats)
-        else:
-            for _ in stream(loaded, inputs, params, stats):
-                pass
-        runs.append(stats)
+        runs.append(decode_once(loaded, variant, inputs, params))
         if repeat == 0:  # setup and a generation, before the bandwidth probe's buffer
             peak = (torch.cuda.max_memory_allocated() if device == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -152,6 +146,48 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
     if profile_top and VARIANTS[variant] is not None:
         record["profile"] = profile_steps(loaded, device, inputs, params, profile_top)
     return record
+
+
+def decode_once(loaded: LoadedModel, variant: str, inputs: dict, params: SamplingParams) -> GenerationStats:
+    """One timed generation: the baseline's ``generate()``, or the pipeline's decode loop."""
+    stats = GenerationStats()
+    if VARIANTS[variant] is None:
+        hf_generate(loaded, inputs, params, stats)
+    else:
+        for _ in stream(loaded, inputs, params, stats):
+            pass
+    return stats
+
+
+def paired(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, rounds: int) -> list[dict]:
+    """Every variant set up in this one process, then ``rounds`` rounds of one greedy generation
+    each, in reversed order every other round: each variant's median decode speed, and the
+    median over rounds of its ratio to the first variant's speed in the same round. This VM's
+    speed drifts by the minute, so separate processes one after the other cannot resolve a few
+    percent; this can. Variants share the process: one whose setup changes global settings
+    (torchao's ``quantize_`` tunes inductor's) changes them for those set up after it."""
+    check_variants(variants)
+    loaded = {name: set_up_variant(model, name)[0] for name in variants}
+    inputs = {name: prompt_inputs(loaded[name], prompt_tokens) for name in variants}
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds + 1):  # the first round warms caches and allocators, and is dropped
+        for name in variants if round_ % 2 else variants[::-1]:
+            stats = decode_once(loaded[name], name, inputs[name], params)
+            if round_:
+                rates[name].append(stats.decode_tokens_per_s)
+    first = rates[variants[0]]
+    return [{"variant": name, "model": model, "rounds": rounds, "decode_tokens_per_s": statistics.median(r),
+             "paired_ratio": statistics.median(a / b for a, b in zip(r, first)), "tokens_per_s_by_round": r}
+            for name, r in rates.items()]
+
+
+def paired_table(records: list[dict]) -> str:
+    first = records[0]["variant"]
+    rows = [f"| variant | decode tok/s (median of {records[0]['rounds']} rounds) | against {first}, same round (median) |",
+            "|---|---|---|"]
+    rows += [f"| {r['variant']} | {r['decode_tokens_per_s']:.2f} | {r['paired_ratio']:.3f}x |" for r in records]
+    return "\n".join(rows)
 
 
 class _TokenTimes(BaseStreamer):

@@ -116,14 +116,20 @@ def evaluate(args) -> None:
 def benchmark(args) -> None:
     import json
 
-    from .bench import BASELINE, bench, cold_boot, cold_boot_table, profiles, served, served_table, table
+    from .bench import (BASELINE, bench, cold_boot, cold_boot_table, paired, paired_table, profiles, served, served_table,
+                        table)
 
     def save(records):
         if args.json:
             Path(args.json).write_text(json.dumps(records, indent=1))
 
-    if args.profile and (args.cold_boot or args.served):
-        raise SystemExit("--profile profiles the variants that plain `bench` times, not --cold-boot or --served")
+    if args.profile and (args.cold_boot or args.served or args.paired):
+        raise SystemExit("--profile profiles the variants that plain `bench` times, not --cold-boot, --served or --paired")
+    if args.paired:
+        records = paired(args.model, args.variants.split(","), args.prompt_tokens, args.new_tokens, args.paired)
+        save(records)
+        print(paired_table(records))
+        return
     if args.cold_boot:
         records = cold_boot(args.model, [v for v in args.variants.split(",") if v != BASELINE])
         save(records)
@@ -236,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--json")
             p.add_argument("--cold-boot", action="store_true", help="setup time per variant without and with "
                            "the cold-boot cache, each boot a fresh process")
+            p.add_argument("--paired", type=int, default=0, metavar="ROUNDS", help="the variants in one process, "
+                           "one greedy generation each per round, alternating, ROUNDS rounds: each one's speed against "
+                           "the first variant's in the same round (resolves a few percent on a drifting machine)")
             p.add_argument("--served", action="store_true", help="decode speed in a plain process and through "
                            "the real Cog server (its tokens_per_second metric), per variant")
         else:

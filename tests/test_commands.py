@@ -68,12 +68,25 @@ def test_bench_sample_decodes_with_the_service_s_sampling_defaults_in_every_proc
     assert "decoding: {'temperature': 1.0, 'top_p': 0.95, 'top_k': 64}" in out
 
 
+
+def test_bench_paired_alternates_the_variants_in_one_process_and_rates_each_against_the_first(tmp_path):
+    out = gemma_opt("bench", "--paired", "3", "--model", "tiny-random", "--variants", "hf-eager-bf16,int8-head-compile",
+                    "--prompt-tokens", "16", "--new-tokens", "6", "--json", str(tmp_path / "paired.json"))
+    records = json.loads((tmp_path / "paired.json").read_text())
+    assert [r["variant"] for r in records] == ["hf-eager-bf16", "int8-head-compile"]
+    assert all(len(r["tokens_per_s_by_round"]) == 3 and r["decode_tokens_per_s"] > 0 for r in records)
+    assert records[0]["paired_ratio"] == 1
+    ratios = sorted(a / b for a, b in zip(*(r["tokens_per_s_by_round"] for r in reversed(records))))
+    assert records[1]["paired_ratio"] == ratios[1]  # the median round's
+    assert "| variant | decode tok/s (median of 3 rounds) | against hf-eager-bf16, same round (median) |" in out
+
 def test_profile_attributes_each_decode_step_and_rates_the_int8_gemv():
     out = gemma_opt("profile", "--model", "tiny-random", "--prompt-tokens", "16", "--new-tokens", "9")
     assert "int8-head-compile on tiny-random:" in out and "8 decode steps profiled" in out
     kernel = "gemma_opt::int8_gemv" if int8_gemv_supported("cpu") else "aten::_weight_int8pack_mm"  # ours needs AVX-512
     gemv = next(line for line in out.splitlines() if line.strip().endswith(kernel))
-    assert float(gemv.split()[2]) == 4 * 7 + 1  # calls a step: seven linears in each of 4 layers, and the head
+    # calls a step: in each of 4 layers, ours runs q/k/v, o, gate/up and down (fused), ATen's seven linears; and the head
+    assert float(gemv.split()[2]) == (4 * 4 if kernel == "gemma_opt::int8_gemv" else 4 * 7) + 1
     assert f"INT8 GEMV ({kernel}):" in out and "of the roofline" in out
 
 
