@@ -4,7 +4,9 @@ import base64
 import io
 import json
 import socket
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,17 @@ pytestmark = pytest.mark.slow
 
 def data_uri(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png_bomb(side: int) -> bytes:
+    """A real 1-bit PNG of side x side black pixels, in well under 1 MB (written with zlib:
+    Pillow would hold side² bytes to write it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row, packer = b"\0" * (1 + -(-side // 8)), zlib.compressobj(9)  # a filter byte, then 8 pixels a byte
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +126,13 @@ def test_invalid_inputs_get_422_naming_the_field(tiny_server, inputs, field):
 
 
 def test_bad_files_and_prompts_fail_clearly_and_the_server_keeps_serving(tiny_server):
-    bomb = io.BytesIO()
-    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81M pixels in ~10 kB
+    bomb = png_bomb(20_000)  # 400M pixels in ~60 kB; phones' largest photos have 200M
+    assert Image.open(io.BytesIO(png_bomb(100))).convert("L").getextrema() == (0, 0)  # a valid PNG
     cases = [
         (data_uri(png_bytes()[:60]), "not a readable image"),
         (data_uri(b"", "image/jpeg"), "empty"),
         (data_uri(b"just some text, not a jpeg", "image/jpeg"), "not a readable image"),
-        (data_uri(bomb.getvalue()), "too large to decode safely"),
+        (data_uri(bomb), "too large to decode safely"),
     ]
     for image, message in cases:
         body = tiny_server.predict(prompt="Describe", image=image, max_new_tokens=4).json()

@@ -164,3 +164,16 @@ def test_iphone_photos_in_heic_are_read(tmp_path):
 
     pixels = np.asarray(open_image(path)).astype(int)
     assert pixels.shape == (32, 48, 3) and np.abs(pixels - [200, 30, 30]).max() < 12  # lossy
+
+
+def test_a_48_megapixel_phone_photo_is_read_at_the_size_the_model_sees(service, tmp_path):
+    """Phones take 48-200 MP photos; a JPEG is decoded at the smallest DCT scale that keeps both
+    sides at least the model's image size (Gemma 3: 896), not in full."""
+    path = tmp_path / "IMG_0002.jpg"
+    Image.new("RGB", (8064, 6048), (30, 90, 200)).save(path, quality=90)
+    assert open_image(path).size == (8064, 6048)  # in full without a size: a photo, not a decompression bomb
+    assert open_image(path, 896).size == (2016, 1512)  # a quarter of each side: an eighth would be under 896
+    assert service.image_size == 64  # the tiny model's processor: what predict.py passes
+    picture = open_image(path, service.image_size)
+    assert picture.size == (1008, 756) and picture.mode == "RGB"  # an eighth, the DCT's smallest
+    assert np.abs(np.asarray(picture).astype(int) - [30, 90, 200]).max() < 8
