@@ -179,7 +179,7 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(path) as image:
                 if size:
-                    image.draft(None, (size, size))  # JPEG only; other formats decode in full
+                    image.draft(None, (size, size))  # JPEG; HEIC: an embedded thumbnail that large, if any
                 image.load()
                 return _upright_on_white(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
