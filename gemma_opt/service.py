@@ -108,9 +108,10 @@ class Service:
     @property
     def image_size(self) -> int | None:
         """The side of the square the model sees an image at (every variant shares the
-        processor); None for a text-only model."""
+        processor); None for a text-only model, and where the processor's pan-and-scan crops
+        the full-size image (each crop is then seen at that size)."""
         processor = self.default[0].processor
-        if processor is None:
+        if processor is None or processor.image_processor.do_pan_and_scan:
             return None
         size = processor.image_processor.size
         return max(size["height"], size["width"])

@@ -174,6 +174,12 @@ def test_a_48_megapixel_phone_photo_is_read_at_the_size_the_model_sees(service, 
     assert open_image(path).size == (8064, 6048)  # in full without a size: a photo, not a decompression bomb
     assert open_image(path, 896).size == (2016, 1512)  # a quarter of each side: an eighth would be under 896
     assert service.image_size == 64  # the tiny model's processor: what predict.py passes
+    image_processor = service.default[0].processor.image_processor
+    default, image_processor.do_pan_and_scan = image_processor.do_pan_and_scan, True  # crops, each seen at 64 x 64
+    try:
+        assert service.image_size is None  # the image read in full
+    finally:
+        image_processor.do_pan_and_scan = default
     picture = open_image(path, service.image_size)
     assert picture.size == (1008, 756) and picture.mode == "RGB"  # an eighth, the DCT's smallest
     assert np.abs(np.asarray(picture).astype(int) - [30, 90, 200]).max() < 8
