@@ -124,10 +124,10 @@ class Int8GemvLinear(nn.Module):
         """One linear, without bias, whose output is the outputs of ``linears`` side by side:
         their INT8 rows and scales in one matrix."""
         weights = [linear.weight for linear in linears]
-        zero_points = [w.zero_point for w in weights]
+        first = weights[0]
         weight = Int8Tensor(torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights]),
-                            list(weights[0].block_size), weights[0].dtype,
-                            zero_point=None if zero_points[0] is None else torch.cat(zero_points))
+                            list(first.block_size), first.dtype,
+                            zero_point=None if first.zero_point is None else torch.cat([w.zero_point for w in weights]))
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
         return cls(linear)

@@ -68,7 +68,6 @@ def test_bench_sample_decodes_with_the_service_s_sampling_defaults_in_every_proc
     assert "decoding: {'temperature': 1.0, 'top_p': 0.95, 'top_k': 64}" in out
 
 
-
 def test_bench_paired_alternates_the_variants_in_one_process_and_rates_each_against_the_first(tmp_path):
     out = gemma_opt("bench", "--paired", "3", "--model", "tiny-random", "--variants", "hf-eager-bf16,int8-head-compile",
                     "--prompt-tokens", "16", "--new-tokens", "6", "--json", str(tmp_path / "paired.json"))
@@ -79,6 +78,7 @@ def test_bench_paired_alternates_the_variants_in_one_process_and_rates_each_agai
     ratios = sorted(a / b for a, b in zip(*(r["tokens_per_s_by_round"] for r in reversed(records))))
     assert records[1]["paired_ratio"] == ratios[1]  # the median round's
     assert "| variant | decode tok/s (median of 3 rounds) | against hf-eager-bf16, same round (median) |" in out
+
 
 def test_profile_attributes_each_decode_step_and_rates_the_int8_gemv():
     out = gemma_opt("profile", "--model", "tiny-random", "--prompt-tokens", "16", "--new-tokens", "9")
