@@ -28,7 +28,7 @@ from .evaluation import DEFAULT_EVAL_TEXT
 from .generation import GenerationStats, SamplingParams, generate_text, stream
 from .int8_gemv import int8_gemv
 from .int8_gemv import supported as int8_gemv_supported
-from .models import GENERATION_DEFAULTS, LoadedModel
+from .models import LoadedModel
 from .pipeline import load, optimize, resolve_device
 from .quantization import weight_bytes
 
@@ -117,15 +117,15 @@ def set_up_variant(model: str, variant: str) -> tuple[LoadedModel, str, dict[str
 
 
 def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, repeats: int,
-                profile_top: int = 0, sample: bool = False) -> dict:
-    """Set up one variant and time its decoding, greedy or (``sample``) sampling with the
-    service's defaults; runs in its own process. With ``profile_top``, a pipeline variant's
-    decode step is then profiled too (``profile_steps``), the same compiled step, so on a GPU
-    its CUDA graphs, without a second compile."""
+                profile_top: int = 0, sample: int | None = None) -> dict:
+    """Set up one variant and time its decoding, greedy or, with ``sample`` (a top-k, 0 for no
+    limit), sampling with the service's other defaults; runs in its own process. With
+    ``profile_top``, a pipeline variant's decode step is then profiled too (``profile_steps``),
+    the same compiled step, so on a GPU its CUDA graphs, without a second compile."""
     loaded, device, setup = set_up_variant(model, variant)
     inputs = prompt_inputs(loaded, prompt_tokens)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=GENERATION_DEFAULTS["temperature"] if sample else 0,
-                            stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False,
+                            **({"top_k": sample} if sample is not None else {"temperature": 0}))
     runs, bandwidths = [], []
     for repeat in range(repeats + 1):  # the first run warms caches and allocators, and is dropped
         runs.append(decode_once(loaded, variant, inputs, params))
@@ -142,7 +142,7 @@ def run_variant(model: str, variant: str, prompt_tokens: int, new_tokens: int, r
             "peak_memory_bytes": peak, "bandwidth_bytes_per_s": max(bandwidths),
             "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads(),
             "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
-            if sample else "greedy"}
+            if sample is not None else "greedy"}
     if profile_top and VARIANTS[variant] is not None:
         record["profile"] = profile_steps(loaded, device, inputs, params, profile_top)
     return record
@@ -307,7 +307,7 @@ def check_variants(names: list[str]) -> None:
 
 
 def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
-          on_record=None, profile_top: int = 0, sample: bool = False) -> list[dict]:
+          on_record=None, profile_top: int = 0, sample: int | None = None) -> list[dict]:
     """The baseline, then each variant, each in a fresh process (``profile_top``, ``sample``:
     see ``run_variant``). A variant that fails is recorded with its error and the rest still run;
     ``on_record(records)`` sees every step, so a run cut short still leaves what it measured."""
@@ -318,7 +318,7 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
         try:
             r = run_child("bench-one", "--model", model, "--variant", name, "--prompt-tokens", str(prompt_tokens),
                           "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--profile", str(profile_top),
-                          *(["--sample"] if sample else []))
+                          *(["--sample", str(sample)] if sample is not None else []))
         except ChildFailed as e:
             if name == BASELINE:
                 raise SystemExit(f"the baseline failed: {e}") from None

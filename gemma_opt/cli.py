@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import SPARSITY_CHOICES
+from .models import GENERATION_DEFAULTS
 
 GEMMA_REPO = "google/gemma-3-4b-it"
 GEMMA_REVISION = "093f9f388b31de276ce2de164bdc2081324b9767"
@@ -234,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--profile", type=int, default=0, metavar="TOP", help="then profile each pipeline "
                        "variant's decode step in the same process and list its TOP kernels (0: no profile)")
-        p.add_argument("--sample", action="store_true", help="sample with the service's defaults (temperature, "
-                       "top-p, top-k) instead of greedy decoding, the baseline's generate() too")
+        p.add_argument("--sample", nargs="?", type=int, const=GENERATION_DEFAULTS["top_k"], metavar="TOP_K",
+                       help="sample with the service's defaults (temperature, top-p, top-k; TOP_K, if "
+                       "given, replaces top-k, 0: no limit) instead of greedy decoding, the baseline's generate() too")
         if name == "bench":
             p.add_argument("--variants", default="int8-head-compile", help="comma list of named variants (bench.py's "
                            "VARIANTS; the default is the default pipeline), each against hf-eager-bf16")

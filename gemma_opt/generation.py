@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache, StaticCache
-from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .models import GENERATION_DEFAULTS, LoadedModel
 
@@ -169,31 +168,50 @@ def _read_later(token: torch.Tensor) -> Callable[[], int]:
 
 
 def _sampler(params: SamplingParams):
-    """next token from last-position logits and their argmax: the argmax, or a sample after
-    transformers' temperature and top-p warpers, over the ``top_k`` most likely tokens only.
-
-    Taking the top k first gives the distribution transformers' warpers give over the whole
-    vocabulary (their top-k also keeps tokens tied with the k-th; here exactly k are kept), and
-    spares sorting all of Gemma's 262k logits for top-p and drawing over all of them: 18-21 ms
-    a token on 2 CPU cores, 1.2 ms this way, where the 270M's whole decode step takes ~20 ms
-    (``bench --sample``: 26.8 tokens/s before, 49.8 after, as greedy)."""
+    """next token from last-position logits and their argmax: the argmax, or a draw from
+    ``candidates``."""
     if params.temperature == 0:  # a copy: with CUDA graphs, the step's outputs are overwritten by its next run
         return lambda logits, greedy: greedy.clone()
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
-    if params.top_p < 1:
-        warpers.append(TopPLogitsWarper(params.top_p))
 
     def sample(logits, greedy):
-        scores, ids = logits.float(), None
-        if params.top_k > 0:
-            scores, ids = scores.topk(min(params.top_k, scores.shape[-1]))
-        probs = warpers(None, scores).softmax(-1)
+        probs, ids = candidates(logits, params)
         # torch.multinomial's own draw for one sample (the same exponential race, so the same
         # token for a seed), without its input checks, which wait for a GPU (.item()) and would
         # stop the next step from being queued before this token is read (see stream)
         choice = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
         return (choice if ids is None else ids.gather(-1, choice))[:, 0]
     return sample
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What transformers' temperature, top-k and top-p warpers leave of the vocabulary: the
+    tokens that can be drawn, most likely first, with their ids (None: the whole vocabulary),
+    and weights in proportion to their probabilities. Their top-k also keeps logits tied with
+    the k-th; here exactly k are kept.
+
+    Without sorting Gemma's 262k logits, which with drawing over all of them took 18-21 ms a
+    token on 2 CPU cores, as long as the 270M's whole decode step. With a top-k, only those k
+    are warped (1.2 ms; ``bench --sample``: 26.8 tokens/s before, 49.8 after, as greedy).
+    Without one, the nucleus lies within the first count of most likely tokens (64, 512, 4096,
+    ...) whose probability reaches ``top_p``. Checking that reads a value, which on a GPU would
+    make the host wait (see ``stream``): there the whole vocabulary is sorted, fast."""
+    scores, vocab = logits.float() / params.temperature, logits.shape[-1]
+    if params.top_k > 0:
+        scores, ids = scores.topk(min(params.top_k, vocab))
+        probs = scores.softmax(-1)
+    elif params.top_p < 1:
+        probs, count = scores.softmax(-1), vocab if logits.is_cuda else 64
+        while True:
+            top, ids = probs.topk(count)
+            if count == vocab or top.sum() >= params.top_p:
+                break
+            count = min(8 * count, vocab)
+        probs = top
+    else:
+        return scores.softmax(-1), None
+    if params.top_p < 1:  # a token is kept while the tokens more likely than it hold less than top_p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0)
+    return probs, ids
 
 
 def generate_text(loaded: LoadedModel, prompt: str, image=None, params: SamplingParams | None = None,

@@ -59,13 +59,17 @@ def test_bench_reports_every_key_against_the_baseline_and_profiles_the_variants_
     assert "int8-eager on tiny-random:" in out and "7 decode steps profiled; a step:" in out
 
 
-def test_bench_sample_decodes_with_the_service_s_sampling_defaults_in_every_process(tmp_path):
-    out = gemma_opt("bench", "--sample", "--model", "tiny-random", "--variants", "int8-eager", "--prompt-tokens", "16",
-                    "--new-tokens", "6", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+@pytest.mark.parametrize("top_k", [None, 0])
+def test_bench_sample_decodes_with_the_service_s_sampling_defaults_in_every_process(tmp_path, top_k):
+    """``--sample`` alone samples as the service does by default; ``--sample 0`` without a top-k limit."""
+    out = gemma_opt("bench", "--sample", *([str(top_k)] if top_k is not None else []), "--model", "tiny-random",
+                    "--variants", "int8-eager", "--prompt-tokens", "16", "--new-tokens", "6", "--repeats", "1",
+                    "--json", str(tmp_path / "bench.json"))
     records = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["sampling"] for r in records] == [{"temperature": 1.0, "top_p": 0.95, "top_k": 64}] * 2
+    sampling = {"temperature": 1.0, "top_p": 0.95, "top_k": 64 if top_k is None else top_k}
+    assert [r["sampling"] for r in records] == [sampling] * 2
     assert all(r["decode_tokens_per_s"] > 0 for r in records)
-    assert "decoding: {'temperature': 1.0, 'top_p': 0.95, 'top_k': 64}" in out
+    assert f"decoding: {sampling}" in out
 
 
 def test_bench_paired_alternates_the_variants_in_one_process_and_rates_each_against_the_first(tmp_path):

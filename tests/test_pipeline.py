@@ -10,7 +10,7 @@ from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 from gemma_opt.compilation import compile_counters, grouped_attention
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
-from gemma_opt.generation import SamplingParams, _sampler, build_inputs, generate_text, stream
+from gemma_opt.generation import SamplingParams, _sampler, build_inputs, candidates, generate_text, stream
 from gemma_opt.int8_gemv import OutputColumns, fuse_projections, use_int8_gemv
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 from gemma_opt.models import load_model
@@ -239,17 +239,32 @@ def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
         optimize(tiny, config)
 
 
+def transformers_warped(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution transformers' warpers give over the whole vocabulary."""
+    warped = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
+    if params.top_k:
+        warped = TopKLogitsWarper(params.top_k)(None, warped)
+    return TopPLogitsWarper(params.top_p)(None, warped).softmax(-1)[0]
+
+
+# nucleus of 2, 11, 1373 and 5848 of 8192 tokens: found among the first 64, 64, 4096, all
+@pytest.mark.parametrize("top_k, scale", [(8, 2), (64, 1.5), (0, 6), (0, 3), (0, 1.5), (0, 0.5)])
+def test_sampling_candidates_are_what_transformers_warpers_leave_of_the_vocabulary(top_k, scale):
+    torch.manual_seed(0)
+    logits, params = torch.randn(1, 8192) * scale, SamplingParams(temperature=0.7, top_p=0.9, top_k=top_k)
+    expected = transformers_warped(logits, params)
+    probs, ids = candidates(logits, params)
+    got = torch.zeros_like(logits).scatter(-1, ids, probs)[0]
+    assert torch.equal(got > 0, expected > 0)
+    torch.testing.assert_close(got / got.sum(), expected)
+
+
 @pytest.mark.parametrize("top_k", [8, 0])
 def test_sampling_draws_from_transformers_warped_distribution(top_k):
-    """The sampler warps only the top-k logits (generation._sampler); the draws must follow what
-    transformers' temperature, top-k and top-p warpers give over the whole vocabulary."""
+    """The draws follow the distribution of the candidates above."""
     torch.manual_seed(0)
-    logits = torch.randn(1, 64) * 2
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=top_k)
-    warped = TemperatureLogitsWarper(0.7)(None, logits.clone())
-    if top_k:
-        warped = TopKLogitsWarper(top_k)(None, warped)
-    expected = TopPLogitsWarper(0.9)(None, warped).softmax(-1)[0]
+    logits, params = torch.randn(1, 64) * 2, SamplingParams(temperature=0.7, top_p=0.9, top_k=top_k)
+    expected = transformers_warped(logits, params)
     sample, draws = _sampler(params), 4000
     counts = torch.bincount(torch.cat([sample(logits, None) for _ in range(draws)]), minlength=64)
     assert set(counts.nonzero()[:, 0].tolist()) == set(expected.nonzero()[:, 0].tolist())
