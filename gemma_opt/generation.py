@@ -195,23 +195,28 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     Without one, the nucleus lies within the first count of most likely tokens (64, 512, 4096,
     ...) whose probability reaches ``top_p``. Checking that reads a value, which on a GPU would
     make the host wait (see ``stream``): there the whole vocabulary is sorted, fast."""
-    scores, vocab = logits.float() / params.temperature, logits.shape[-1]
+    scores, ids = logits.float() / params.temperature, None
     if params.top_k > 0:
-        scores, ids = scores.topk(min(params.top_k, vocab))
-        probs = scores.softmax(-1)
-    elif params.top_p < 1:
-        probs, count = scores.softmax(-1), vocab if logits.is_cuda else 64
-        while True:
-            top, ids = probs.topk(count)
-            if count == vocab or top.sum() >= params.top_p:
-                break
-            count = min(8 * count, vocab)
-        probs = top
-    else:
-        return scores.softmax(-1), None
-    if params.top_p < 1:  # a token is kept while the tokens more likely than it hold less than top_p
+        scores, ids = scores.topk(min(params.top_k, scores.shape[-1]))
+    probs = scores.softmax(-1)
+    if params.top_p < 1:
+        if ids is None:
+            probs, ids = _most_likely_holding(probs, params.top_p)
+        # a token is kept while the tokens more likely than it hold less than top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0)
     return probs, ids
+
+
+def _most_likely_holding(probs: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first count of most likely tokens (64, 512, 4096, ...; on a GPU all of them, see
+    ``candidates``) whose probability reaches ``share``, most likely first, with their ids."""
+    vocab = probs.shape[-1]
+    count = vocab if probs.is_cuda else 64
+    while True:
+        top, ids = probs.topk(count)
+        if count == vocab or top.sum() >= share:
+            return top, ids
+        count = min(8 * count, vocab)
 
 
 def generate_text(loaded: LoadedModel, prompt: str, image=None, params: SamplingParams | None = None,
