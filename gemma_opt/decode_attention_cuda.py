@@ -53,7 +53,9 @@ def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, bl
     heads = g * GROUP + h
     q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :] * q_d,
                 mask=(h[:, None] < GROUP) & (d[None, :] < D), other=0.0)
-    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale + bias[None, :]
+    # inductor passes a float argument as fp64 (torch._inductor.config._use_fp64_for_unbacked_floats):
+    # back to fp32, or tl.dot(p, v) below gets fp64 and fp32 operands and does not compile
+    s = (tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale).to(tl.float32) + bias[None, :]
     s = tl.where(live[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # a chunk all blocked: p = 0, not nan
