@@ -337,7 +337,14 @@ def bench(model: str, variants: list[str], prompt_tokens: int, new_tokens: int, 
 
 
 class ChildFailed(RuntimeError):
-    """A measuring process exited with an error; the message is its last line of stderr."""
+    """A measuring process exited with an error; the message is its ``error_line``."""
+
+
+def error_line(stderr: str) -> str:
+    """The last line of a failed process's stderr, less torch's advice on getting more of it,
+    which follows every compile error (``TORCHDYNAMO_VERBOSE``)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "TORCHDYNAMO_VERBOSE" not in line]
+    return lines[-1] if lines else ""
 
 
 def run_child(*args: str, env: dict | None = None) -> dict:
@@ -347,8 +354,7 @@ def run_child(*args: str, env: dict | None = None) -> dict:
                          text=True, env=env or os.environ)
     sys.stderr.write(run.stderr)
     if run.returncode:
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
-        raise ChildFailed(lines[-1] if lines else f"exit status {run.returncode}")
+        raise ChildFailed(error_line(run.stderr) or f"exit status {run.returncode}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

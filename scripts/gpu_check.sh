@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
 # GPU check of the INT8 decode path on the gemma-3-4b-it architecture (random weights), in
-# under 8 minutes on the H200 (each step under its own time limit):
-#   1. the Triton kernels' tests (tests/test_int8_gemv_cuda.py, tests/test_decode_attention_cuda.py),
-#      on the GPU for real, and the compiled decode loop's (plain compile and CUDA graphs,
-#      next step queued before a token is read) on a tiny model, a request that outgrows the
-#      static cache, that sampling never waits for the GPU, and the fused q/k/v and gate/up
-#      projections on the Triton GEMV (~1 minute);
+# under 8 minutes (each step under its own time limit, stopped with SIGINT so that pytest
+# still prints what passed and how long each test took):
+#   1. the tests that need a GPU, the most telling first: the compiled decode loop's (plain
+#      compile and CUDA graphs, next step queued before a token is read) on a tiny model, the
+#      fused q/k/v and gate/up projections on the Triton GEMV, that sampling never waits for the
+#      GPU, a request that outgrows the static cache; then the Triton kernels' own
+#      (tests/test_decode_attention_cuda.py, tests/test_int8_gemv_cuda.py; every GEMV tiling);
+#      TEST_TIMEOUT=200 s (session 20's H200 ran the 50 kernel tests and not one pipeline test
+#      in 150 s, in the order kernels first);
 #   2. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
 #      weight-only, head too, our GEMV kernel with q/k/v and gate/up fused, our decode-attention
-#      kernel, compiled decode step with CUDA graphs; its compile took 144 s on the H200) and
-#      the same with the attention as two bmm calls (int8-head-compile-bmm, run 3's attention).
-#      VARIANTS= picks others, e.g. int8-head-compile-unfused (a GEMV call per projection, as
-#      in run 3), bf16-compile, or int8-head-compile-aten (torchao's path). Then each
-#      variant's decode step is profiled in the same process (`--profile`: GPU busy time
-#      against the step's wall time, kernels a step, the PROFILE_TOP=15 longest kernels),
-#      with its CUDA graphs and no second compile.
+#      kernel, compiled decode step with CUDA graphs; its compile took 130 s on the H200, the
+#      whole step 230 s), then its decode step profiled in the same process (`--profile`: GPU
+#      busy time against the step's wall time, kernels a step, the PROFILE_TOP=15 longest
+#      kernels), with its CUDA graphs and no second compile. VARIANTS= picks others, e.g.
+#      int8-head-compile-bmm (the attention as two bmm calls, run 3's), int8-head-compile-unfused
+#      (a GEMV call per projection, as in run 3), bf16-compile, or int8-head-compile-aten
+#      (torchao's path); each compile is ~2 minutes, so a second one needs KERNEL_CHECKS=0
+#      (skips step 1), e.g. KERNEL_CHECKS=0 VARIANTS=int8-head-compile,int8-head-compile-bmm.
 # Optional, each in place of part of the above within 8 minutes: KERNEL_BENCH=1 (the kernels
 # alone on the 4B shapes, scripts/int8_gemv_bench.py --device cuda: ours, torchao's compiled
 # path, a plain sum and bf16 cuBLAS, in GB/s, and each of our tilings; ~100 s; the H200's is in
 # docs/gpu_h200/int8_gemv_bench_run3.txt), PROFILE_VARIANT= (the decode step's GPU time by
 # kernel in plain compile mode, a compile of its own) and SERVED_VARIANTS= (`bench --served`:
 # the variant in a plain process and through the real Cog server, with the same CUDA graphs;
-# e.g. SERVED_VARIANTS=bf16-compile VARIANTS= KERNEL_CHECKS=0; KERNEL_CHECKS=0 skips step 1).
+# e.g. SERVED_VARIANTS=bf16-compile VARIANTS= KERNEL_CHECKS=0).
 # The bench JSON in $OUT (or ./out) is rewritten after every variant, and a variant that fails
 # is recorded with its error, so a cut-short run still reports.
 #
@@ -67,17 +71,17 @@ python3 -c "import torch, torchao, transformers; print(torch.__version__, torcha
 step() {
     local log=$1 limit=$2 lines=$3
     shift 3
-    timeout "$limit" "$@" > "$out/$log" 2>&1 || echo "$log: exited with $?" >> "$out/$log"
+    timeout -s INT -k 15 "$limit" "$@" > "$out/$log" 2>&1 || echo "$log: exited with $?" >> "$out/$log"
     grep -v "Warning\|warn\|^W[0-9]" "$out/$log" | tail -"$lines" || true  # a log of warnings only
 }
 
 if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
-    step tests.log ${TEST_TIMEOUT:-150} 5 python3 -m pytest -q -p no:cacheprovider tests/test_int8_gemv_cuda.py \
-        tests/test_decode_attention_cuda.py \
+    step tests.log ${TEST_TIMEOUT:-200} 20 python3 -m pytest -v --durations=0 -p no:cacheprovider \
         "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets" \
+        "tests/test_pipeline.py::test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up" \
         tests/test_pipeline.py::test_sampling_on_a_gpu_never_waits_for_it \
         "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text" \
-        "tests/test_pipeline.py::test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up"
+        tests/test_decode_attention_cuda.py tests/test_int8_gemv_cuda.py
 fi
 if [[ "${KERNEL_BENCH:-0}" != 0 ]]; then
     step int8_gemv_bench.log ${KERNEL_TIMEOUT:-120} 14 python3 scripts/int8_gemv_bench.py --device cuda
@@ -94,9 +98,9 @@ fi
 # CUDA graphs for the decode step: at batch 1 a 4B step is a few milliseconds of GPU work,
 # less than Python's per-token overhead without them.
 export GEMMA_OPT_COMPILE_MODE=${GEMMA_OPT_COMPILE_MODE:-reduce-overhead}
-variants=${VARIANTS-int8-head-compile,int8-head-compile-bmm}  # VARIANTS= (empty) skips this step
+variants=${VARIANTS-int8-head-compile}  # VARIANTS= (empty) skips this step
 if [[ -n "$variants" ]]; then
-    step bench_4b_gpu.log ${BENCH_TIMEOUT:-360} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
+    step bench_4b_gpu.log ${BENCH_TIMEOUT:-260} 30 python3 -m gemma_opt bench --model ${MODEL:-gemma-3-4b-arch} \
         --prompt-tokens 128 --new-tokens 128 --repeats 2 --variants "$variants" --profile ${PROFILE_TOP:-15} \
         --json "$out/bench_4b_gpu.json"
     python3 -c "import json, sys; from gemma_opt.bench import profiles, table; r = json.load(open(sys.argv[1])); print(table(r)); print(profiles(r))" \

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gemma_opt.bench import error_line
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,16 @@ def test_eval_writes_json_records_and_a_plot(tmp_path):
     assert m30["sparsity"] == pytest.approx(0.3, abs=1e-3)
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert "| magnitude | 0.3 |" in out
+
+
+def test_a_failed_variant_is_recorded_with_its_error_not_with_torch_s_advice_after_it():
+    # the end of the stderr of session 20's first H200 bench (a compile error, then dynamo's advice)
+    stderr = ("    acc = tl.dot(p, v.to(tl.float32))\n          ^\n"
+              "Both operands must be same dtype. Got fp64 and fp32\n\n\n"
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're "
+              'reporting a bug to PyTorch). For even more developer context, set TORCH_LOGS="+dynamo"\n\n')
+    assert error_line(stderr) == "Both operands must be same dtype. Got fp64 and fp32"
+    assert error_line("Traceback ...\nValueError: bad\n") == "ValueError: bad" and error_line("\n") == ""
 
 
 def test_bench_reports_every_key_against_the_baseline_and_profiles_the_variants_step(tmp_path):
