@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 CHUNK = 32  # positions per program
+COMBINE_D = 64  # dims per program in the combining kernel
 
 
 @triton.jit
@@ -68,16 +69,19 @@ def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, bl
 
 
 @triton.jit
-def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, chunks, D, H, out_b, out_h,
+def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, chunks, D, H, acc_d, out_b, out_h,
                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For one (batch, query head): the chunks' results, each rescaled by exp(its m - the largest)."""
+    """For one (batch, query head) and BLOCK_D of its dims: the chunks' results, each rescaled
+    by exp(its m - the largest). (All of a head's dims in one program, 8 programs on the 4B,
+    took 4.4 us a layer on the H200, as long as the chunks' kernel.)"""
     bh = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = tl.load(m_ptr + bh * chunks + c, mask=c < chunks, other=float("-inf"))
     weight = tl.exp(m - tl.max(m, axis=0))  # 0 for blocked chunks (m = -inf)
     total = tl.sum(weight * tl.load(l_ptr + bh * chunks + c, mask=c < chunks, other=0.0), axis=0)
-    acc = tl.load(acc_ptr + (bh * chunks + c[:, None]) * BLOCK_D + d[None, :], mask=c[:, None] < chunks, other=0.0)
+    acc = tl.load(acc_ptr + (bh * chunks + c[:, None]) * acc_d + d[None, :], mask=(c[:, None] < chunks) & (d[None, :] < D),
+                  other=0.0)
     out = tl.sum(weight[:, None] * acc, axis=0) / total
     tl.store(out_ptr + (bh // H) * out_b + (bh % H) * out_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
@@ -118,8 +122,9 @@ def launch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2), mask_b,
         GROUP=H // G, HAS_MASK=mask is not None, CHUNK=CHUNK, BLOCK_H=max(16, triton.next_power_of_2(H // G)),
         BLOCK_D=block_d)
-    combine_kernel[(B * H,)](m, l, acc, out, chunks, D, H, out.stride(0), out.stride(2),
-                             BLOCK_C=max(16, triton.next_power_of_2(chunks)), BLOCK_D=block_d)
+    combine_d = min(COMBINE_D, block_d)
+    combine_kernel[(B * H, block_d // combine_d)](m, l, acc, out, chunks, D, H, block_d, out.stride(0), out.stride(2),
+                                                  BLOCK_C=max(16, triton.next_power_of_2(chunks)), BLOCK_D=combine_d)
     return out
 
 
