@@ -16,7 +16,9 @@ significand holds theirs), rounded for fp32 caches. (Triton's CPU interpreter mu
 bf16 operands wrongly: errors of ~1e9 where fp32 operands agree with the reference.)
 
 The tests compare it with transformers' eager attention in Triton's CPU interpreter
-(``TRITON_INTERPRET=1``) and, where there is one, on a GPU (``scripts/gpu_check.sh``).
+(``TRITON_INTERPRET=1``) and, where there is one, on a GPU (``scripts/gpu_check.sh``), and
+compile it for Hopper and Ada here with the argument types inductor passes
+(tests/test_triton_kernels_compile.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ warm-up generation).
 
 ``triton_op`` lets ``torch.compile`` see the Triton kernel, so inductor launches it from
 its own code and CUDA graphs record it. The tests check every tiling against the exact
-product, on a GPU and with Triton's CPU interpreter (``TRITON_INTERPRET=1``);
+product, on a GPU and with Triton's CPU interpreter (``TRITON_INTERPRET=1``), and compile
+every tiling for Hopper and Ada here, without a GPU (tests/test_triton_kernels_compile.py);
 ``scripts/gpu_check.sh`` runs them on a GPU and measures the decode step.
 """
 
@@ -31,19 +32,28 @@ from torch.library import triton_op, wrap_triton
 # converting int8 to fp32 (BIT_CONVERT, below).
 TILINGS = [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
            (2, 2048, 8), (4, 2048, 8)]
-CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "BIT_CONVERT": bits}, num_warps=warps)
-           for rows, step, warps in TILINGS for bits in (False, True)]
+# A loop step waits for its own loads, so a program has one step's weights (2-8 KB) in
+# flight at a time; on the H200 the 4B's larger matrices read at ~2.3 TB/s of the ~3.3
+# probed. These tilings also run with the loop pipelined STAGES deep: loads issued two
+# steps ahead, cp.async into shared memory (tl.range's num_stages; the copies are checked
+# in tests/test_triton_kernels_compile.py). Not yet timed on a GPU.
+PIPELINED = [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8)]
+CONFIGS = ([triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "BIT_CONVERT": bits, "STAGES": 1}, num_warps=warps)
+            for rows, step, warps in TILINGS for bits in (False, True)]
+           + [triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "BIT_CONVERT": True, "STAGES": 3}, num_warps=warps)
+              for rows, step, warps in PIPELINED])
 
 
 def config_name(config: triton.Config) -> str:
-    """E.g. ``4x1024w4`` (rows x step, warps), ``+bits`` with BIT_CONVERT."""
+    """E.g. ``4x1024w4`` (rows x step, warps), ``+bits`` with BIT_CONVERT, ``s3`` pipelined 3 deep."""
     c = config.kwargs
-    return f"{c['BLOCK_N']}x{c['BLOCK_K']}w{config.num_warps}" + ("+bits" if c["BIT_CONVERT"] else "")
+    return (f"{c['BLOCK_N']}x{c['BLOCK_K']}w{config.num_warps}" + ("+bits" if c["BIT_CONVERT"] else "")
+            + (f"s{c['STAGES']}" if c["STAGES"] > 1 else ""))
 
 
 @triton.jit
 def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BIT_CONVERT: tl.constexpr):
+                     BIT_CONVERT: tl.constexpr, STAGES: tl.constexpr):
     """y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], for BLOCK_N rows n of one row m of x.
 
     BIT_CONVERT: int8 to fp32 by bit operations and a float subtraction instead of the
@@ -56,7 +66,7 @@ def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = w_ptr + n.to(tl.int64)[:, None] * K  # 64-bit offsets: vocabulary x hidden size can pass 2**31
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k = start + tl.arange(0, BLOCK_K)
         w = tl.load(rows + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0)
         x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0)
