@@ -36,7 +36,7 @@ def test_decode_attention_equals_eager_attention_over_the_masks_positions(dtype,
     keep = torch.rand(batch, 1, 1, positions, device=DEVICE) < 0.7
     keep[..., 64:192] = False  # whole chunks blocked (a sliding layer's window): they must weigh nothing
     keep[..., -1] = True  # the token itself
-    # a view into a wider mask: the kernel reads it where it lies, each batch row at its stride
+    # a view into a wider mask, its rows not contiguous (`launch` copies them)
     mask = torch.cat([blocked(keep, dtype), blocked(keep[..., :8], dtype)], -1)[..., :positions]
     # float32: TF32 products on a GPU (exact in the interpreter); bf16: the output's rounding
     tolerance = {"rtol": 1e-2, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-3}
