@@ -40,7 +40,7 @@ class ModelNotFoundError(FileNotFoundError):
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: object
+    tokenizer: object | None  # None, with the processor, for weights loaded alone (load_model)
     processor: object | None  # a Gemma3Processor when the model has a vision tower
     name: str
     decode_cache: object | None = None  # the StaticCache the compiled decode step runs on (compilation.py)
@@ -56,22 +56,24 @@ class LoadedModel:
         return [i for i in dict.fromkeys(ids) if i is not None]
 
 
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
-    """Load a preset, a folder, a ``.gguf`` file or (with network) a hub id."""
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+               preprocessing: bool = True) -> LoadedModel:
+    """Load a preset, a folder, a ``.gguf`` file or (with network) a hub id; without its
+    tokenizer and processor when ``preprocessing`` is false (weights for a model that has them)."""
     if name == "gemma-3-270m":
-        loaded = _load_folder(_gemma_270m_folder(), dtype, name)
+        loaded = _load_folder(_gemma_270m_folder(), dtype, name, preprocessing)
     elif name == "tiny-random":
-        loaded = _random_multimodal(tiny_random_config(), name, dtype, device, image_size=64)
+        loaded = _random_multimodal(tiny_random_config(), name, dtype, device, 64, preprocessing)
     elif name == "gemma-3-4b-arch":
-        loaded = _random_multimodal(gemma_3_4b_config(), name, dtype, device, image_size=896)
+        loaded = _random_multimodal(gemma_3_4b_config(), name, dtype, device, 896, preprocessing)
     elif name.endswith(".gguf"):
-        loaded = _load_gguf(Path(name), dtype)
+        loaded = _load_gguf(Path(name), dtype, preprocessing)
     elif Path(name).is_dir():
-        loaded = _load_folder(Path(name), dtype, name)
+        loaded = _load_folder(Path(name), dtype, name, preprocessing)
     elif _looks_like_hub_id(name):
         from huggingface_hub import snapshot_download
 
-        loaded = _load_folder(Path(snapshot_download(name)), dtype, name)
+        loaded = _load_folder(Path(snapshot_download(name)), dtype, name, preprocessing)
     else:
         raise ModelNotFoundError(
             f"no model at {name!r}. Download gemma-3-4b-it with `HF_TOKEN=... python -m gemma_opt download` "
@@ -104,14 +106,14 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/")) and not Path(parts[0]).exists()
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+def _load_folder(folder: Path, dtype: torch.dtype, name: str, preprocessing: bool) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(folder)
     multimodal = hasattr(config, "vision_config")
     auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     model = auto.from_pretrained(folder, dtype=dtype)
-    return LoadedModel(model, *load_preprocessing(folder, multimodal), name)
+    return LoadedModel(model, *(load_preprocessing(folder, multimodal) if preprocessing else (None, None)), name)
 
 
 def load_preprocessing(folder: Path, multimodal: bool) -> tuple[object, object | None]:
@@ -120,8 +122,9 @@ def load_preprocessing(folder: Path, multimodal: bool) -> tuple[object, object |
     loaded). A load takes 4-5 s on 2 cores (transformers rebuilds Gemma's 262k-token BPE
     from its 33 MB tokenizer.json in Python), and without this every ``eval`` variant, the
     service's pristine copy and each cached boot in a process loaded it again. The price: a
-    process keeps each folder's tokenizer, 329 MiB resident for Gemma 3's (measured), e.g. a
-    second one where a boot from the cache later loads the pristine weights for a variant."""
+    process keeps each folder's tokenizer, 329 MiB resident for Gemma 3's (measured); the
+    service's pristine weights are loaded without one (``load_model``'s ``preprocessing``), so
+    a boot from the cold-boot cache keeps only the cache's."""
     return _load_preprocessing(folder.resolve(), model_revision(str(folder)), multimodal)
 
 
@@ -135,18 +138,19 @@ def _load_preprocessing(folder: Path, revision: str, multimodal: bool) -> tuple[
     return tokenizer, processor
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, preprocessing: bool = True) -> LoadedModel:
     """A GGUF file, dequantized to ``dtype`` (transformers keeps no packed GGUF blocks without `kernels`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file():
         raise ModelNotFoundError(f"no GGUF file at {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if preprocessing else None
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     # The weights are plain tensors now; drop the GGUF quantizer so later stages see a dense model.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    _ensure_chat_template(tokenizer, None)
+    if tokenizer is not None:
+        _ensure_chat_template(tokenizer, None)
     return LoadedModel(model, tokenizer, None, str(path))
 
 
@@ -203,7 +207,8 @@ def tiny_random_config():
                         eos_token_id=[1, 106])
 
 
-def _random_multimodal(config, name: str, dtype: torch.dtype, device: str, image_size: int) -> LoadedModel:
+def _random_multimodal(config, name: str, dtype: torch.dtype, device: str, image_size: int,
+                       preprocessing: bool) -> LoadedModel:
     """Random weights (seeded, so every process on a device builds the same model), initialised
     on the device itself (seconds on a GPU instead of a minute on the CPU), and a real Gemma 3 processor."""
     from transformers import Gemma3ForConditionalGeneration
@@ -218,6 +223,8 @@ def _random_multimodal(config, name: str, dtype: torch.dtype, device: str, image
         model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
     model.init_weights()
     model.generation_config.eos_token_id = [1, 106]
+    if not preprocessing:
+        return LoadedModel(model, None, None, name)
     processor = gemma_processor(image_size, config.mm_tokens_per_image)
     return LoadedModel(model, processor.tokenizer, processor, name)
 

@@ -81,12 +81,13 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load(config: PipelineConfig) -> LoadedModel:
-    """The configured model, or the configured fallback when its folder is missing."""
+def load(config: PipelineConfig, preprocessing: bool = True) -> LoadedModel:
+    """The configured model, or the configured fallback when its folder is missing (without
+    tokenizer and processor when ``preprocessing`` is false)."""
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     try:
-        return load_model(config.model, device, dtype)
+        return load_model(config.model, device, dtype, preprocessing)
     except ModelNotFoundError:
         if not config.fallback_model or Path(config.model).exists():
             raise
-        return load_model(config.fallback_model, device, dtype)
+        return load_model(config.fallback_model, device, dtype, preprocessing)

@@ -96,9 +96,10 @@ class Service:
     @property
     def pristine(self) -> torch.nn.Module:
         """The dense weights on the CPU, loaded when a request first asks for another variant
-        (a boot from the cold-boot cache never reads them otherwise)."""
+        (a boot from the cold-boot cache never reads them otherwise); without a tokenizer, as
+        every variant shares the default's."""
         if self._pristine is None:
-            self._pristine = load(self.config.model_copy(update={"device": "cpu"})).model
+            self._pristine = load(self.config.model_copy(update={"device": "cpu"}), preprocessing=False).model
         return self._pristine
 
     @property
