@@ -58,8 +58,8 @@ def test_the_attention_kernels_compile_with_the_fp64_floats_inductor_passes(tmp_
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "m_ptr": "*fp32",
                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*bf16"}
     floats = {"scale": "fp64", "blocked": "fp64"}
-    block_d = 256  # the 4B: 8 query heads, 4 KV heads of 256 dims, 2048 positions
-    chunk = {"GROUP": 2, "HAS_MASK": True, "CHUNK": decode_attention_cuda.CHUNK, "BLOCK_H": 16, "BLOCK_D": block_d}
+    # the 4B: 8 query heads, 4 KV heads of 256 dims, 2048 positions
+    chunk = {"GROUP": 2, "HAS_MASK": True, "CHUNK": decode_attention_cuda.CHUNK, "BLOCK_H": 16, "BLOCK_D": 256}
     combine = {"BLOCK_C": 2048 // decode_attention_cuda.CHUNK, "BLOCK_D": decode_attention_cuda.COMBINE_D}
     for fn, constexprs in ((decode_attention_cuda.chunk_kernel, chunk), (decode_attention_cuda.combine_kernel, combine)):
         _, spilled = machine_code(tmp_path, target, fn, pointers | floats, constexprs, num_warps=4)
