@@ -7,7 +7,7 @@ from torchao.quantization import Int8Tensor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
-from gemma_opt.compilation import compile_counters, grouped_attention
+from gemma_opt.compilation import WholeRowReductions, compile_counters, grouped_attention, with_choices
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.generation import SamplingParams, _sampler, build_inputs, candidates, generate_text, stream
@@ -215,8 +215,10 @@ def test_grouped_attention_equals_transformers_eager_attention(kv_heads, q_len):
 
 
 # On a GPU: plain compile (what cog.yaml deploys), and CUDA graphs, whose outputs each run overwrites; both
-# with the next step queued before a token is read.
-@pytest.mark.parametrize("device, mode", [("cpu", "default"), pytest.param("cuda", "default", marks=ON_GPU),
+# with the next step queued before a token is read. On the CPU in CUDA graphs' mode (none are recorded there):
+# the GPU's step, over the whole cache with transformers' masks built in the graph.
+@pytest.mark.parametrize("device, mode", [("cpu", "default"), ("cpu", "reduce-overhead"),
+                                          pytest.param("cuda", "default", marks=ON_GPU),
                                           pytest.param("cuda", "reduce-overhead", marks=ON_GPU)])
 def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets(device, mode):
     tiny = load_model("tiny-random", device, dtype=torch.float32)  # bf16 rounding differs between fused and eager kernels
@@ -230,6 +232,28 @@ def test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_slidin
     assert compile_counters().get("unique_graphs", 0) - before == 1  # first step, second step, any length
     assert generate_text(tiny, prompt, params=greedy) == eager
     assert compile_counters().get("unique_graphs", 0) - before == 1
+
+
+@ON_GPU
+def test_on_a_gpu_the_4b_norms_reduce_their_row_in_one_pass():
+    """A decoder layer's post-attention norm, residual add and pre-feedforward norm over the 4B's
+    2560 values, compiled as the decode step is on a GPU: one persistent reduction, no loops."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(0)
+    norms = [Gemma3RMSNorm(2560).to("cuda", torch.bfloat16) for _ in range(2)]
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight, std=0.5)
+
+    def layer_tail(x, residual):
+        h = residual + norms[0](x)
+        return h, norms[1](h)
+    x, residual = torch.randn(2, 1, 1, 2560, dtype=torch.bfloat16, device="cuda")
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(with_choices(torch.compile(layer_tail), WholeRowReductions()), x, residual)
+    assert "triton_per_fused" in code[0] and "triton_red_fused" not in code[0]
+    torch.testing.assert_close(out, layer_tail(x, residual))
 
 
 def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
