@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache, StaticCache
 
@@ -82,7 +83,18 @@ def next_token_logits(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     compiled decode step (compilation.py) is this function, so the argmax is in its graph:
     ATen's own argmax over Gemma's 262k-entry vocabulary in bf16 took ~1 ms a token on this CPU."""
     logits = model(**inputs).logits[:, -1]
-    return logits, logits.argmax(-1)
+    return logits, (blockwise_argmax(logits) if logits.is_cuda else logits.argmax(-1))
+
+
+def blockwise_argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``logits.argmax(-1)`` in two reductions: each block's largest, then the largest block's.
+    inductor never splits an argmax, so on a GPU it reduced Gemma's 262k logits in one program:
+    37 us of a 2.83 ms step on the H200 (run 5). On this CPU one pass is faster (154 against
+    174 us, each compiled alone). The first of equal largest wins, as with ``argmax``."""
+    padded = F.pad(logits, (0, -logits.shape[-1] % block), value=float("-inf"))
+    largest, where = padded.unflatten(-1, (-1, block)).max(-1)
+    chosen = largest.argmax(-1, keepdim=True)
+    return (chosen * block + where.gather(-1, chosen)).squeeze(-1)
 
 
 def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: GenerationStats | None = None

@@ -10,7 +10,8 @@ from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 from gemma_opt.compilation import WholeRowReductions, compile_counters, grouped_attention, with_choices
 from gemma_opt.config import ConfigError, PipelineConfig, PruneConfig, QuantConfig
 from gemma_opt.filtering import build_filter_map
-from gemma_opt.generation import SamplingParams, _sampler, build_inputs, candidates, generate_text, stream
+from gemma_opt.generation import (SamplingParams, _sampler, blockwise_argmax, build_inputs, candidates,
+                                  generate_text, stream)
 from gemma_opt.int8_gemv import OutputColumns, fuse_projections, use_int8_gemv
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 from gemma_opt.models import load_model
@@ -261,6 +262,23 @@ def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
                                        "quant": {"mode": "none", "semi_structured": True}})
     with pytest.raises(ConfigError, match="semi-structured sparse kernels .* need a CUDA GPU .* runs on cpu"):
         optimize(tiny, config)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_GPU)])
+def test_blockwise_argmax_is_argmax_with_ties_nan_and_a_part_block(device):
+    torch.manual_seed(0)
+    vocab = 262208  # the 4B's: 256 blocks of 1024 and 64 more
+    cases = [torch.randn(2, vocab), torch.randn(1, vocab), torch.randn(1, vocab), torch.randn(1, vocab),
+             torch.full((1, vocab), float("-inf"))]
+    cases[1][0, [5001, 200000, 5000]] = 100.0  # ties: the first wins
+    cases[2][0, -1] = 100.0  # in the last, part block
+    cases[3][0, [7000, 3000, 9]] = torch.tensor([float("nan"), float("nan"), float("inf")])
+    compiled = torch.compile(blockwise_argmax)
+    for logits in cases:
+        logits = logits.to(device, torch.bfloat16)
+        expected = logits.argmax(-1)
+        assert torch.equal(blockwise_argmax(logits), expected) and torch.equal(compiled(logits), expected)
+    assert blockwise_argmax(cases[1].to(device)).item() == 5000
 
 
 def transformers_warped(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
