@@ -6,8 +6,7 @@
 #      compile and CUDA graphs, next step queued before a token is read) on a tiny model, the
 #      fused q/k/v and gate/up projections on the Triton GEMV, that sampling never waits for the
 #      GPU, that the 4B's norms compile to one-pass (persistent) reductions, the greedy argmax in
-#      blocks, a request that
-#      outgrows the static cache; then the Triton kernels' own
+#      blocks, a request that outgrows the static cache; then the Triton kernels' own
 #      (tests/test_decode_attention_cuda.py, tests/test_int8_gemv_cuda.py; every GEMV tiling);
 #      TEST_TIMEOUT=200 s (session 20's H200 ran the 50 kernel tests and not one pipeline test
 #      in 150 s, in the order kernels first);
