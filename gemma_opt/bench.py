@@ -265,9 +265,15 @@ def profile_lines(variant: str, model: str, p: dict) -> list[str]:
 
 
 def profiles(records: list[dict]) -> str:
-    """The profiles ``bench --profile`` recorded, as text after its table."""
-    return "\n\n".join("\n".join(profile_lines(r["variant"], r["model"], r["profile"]))
-                       for r in records if "profile" in r)
+    """The profiles ``bench --profile`` recorded, as text after its table, each with its busy
+    time against the timed step (the profiler slows the host, not the kernels: busy near the
+    timed step means the kernels are what is left to speed up; well under it, the host)."""
+    def lines(r):
+        p, step_ms = r["profile"], 1e3 / r["decode_tokens_per_s"]
+        heading, *kernels = profile_lines(r["variant"], r["model"], p)
+        return [heading, f"(timed: a step {step_ms:.2f} ms, {p['busy_device']} busy {p['busy_ms'] / step_ms:.0%} of it)",
+                *kernels]
+    return "\n\n".join("\n".join(lines(r)) for r in records if "profile" in r)
 
 
 def profile_decode(model: str, variant: str, prompt_tokens: int, new_tokens: int, top: int = 10) -> str:

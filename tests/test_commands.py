@@ -68,6 +68,7 @@ def test_bench_reports_every_key_against_the_baseline_and_profiles_the_variants_
     times = [e["ms"] for e in profile["top"]]
     assert len(times) == 4 and times == sorted(times, reverse=True) and 0 < sum(times) <= profile["busy_ms"]
     assert "int8-eager on tiny-random:" in out and "7 decode steps profiled; a step:" in out
+    assert f"(timed: a step {1e3 / records[1]['decode_tokens_per_s']:.2f} ms, CPU busy " in out
 
 
 @pytest.mark.parametrize("top_k", [None, 0])
