@@ -52,7 +52,10 @@ def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, bl
         bias = tl.zeros([CHUNK], dtype=tl.float32)
         live = pos < positions
     rows = live[:, None] & (d[None, :] < D)
+    # K and V loaded together, before any arithmetic: loads after the scores' reductions (and
+    # their barriers) wait for them, a second trip to memory in a kernel of a few microseconds
     k = tl.load(k_ptr + b * k_b + g * k_h + pos[:, None] * k_l + d[None, :], mask=rows, other=0.0)
+    v = tl.load(v_ptr + b * v_b + g * v_h + pos[:, None] * v_l + d[None, :], mask=rows, other=0.0)
     heads = g * GROUP + h
     q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :] * q_d,
                 mask=(h[:, None] < GROUP) & (d[None, :] < D), other=0.0)
@@ -62,7 +65,6 @@ def chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, bl
     s = tl.where(live[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # a chunk all blocked: p = 0, not nan
-    v = tl.load(v_ptr + b * v_b + g * v_h + pos[:, None] * v_l + d[None, :], mask=rows, other=0.0)
     acc = tl.dot(p, v.to(tl.float32))
     item = (b * G * GROUP + heads) * chunks + c
     tl.store(m_ptr + item, m, mask=h < GROUP)
@@ -80,10 +82,11 @@ def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, chunks, D, H, acc_d, out_b, o
     c = tl.arange(0, BLOCK_C)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = tl.load(m_ptr + bh * chunks + c, mask=c < chunks, other=float("-inf"))
-    weight = tl.exp(m - tl.max(m, axis=0))  # 0 for blocked chunks (m = -inf)
-    total = tl.sum(weight * tl.load(l_ptr + bh * chunks + c, mask=c < chunks, other=0.0), axis=0)
+    l = tl.load(l_ptr + bh * chunks + c, mask=c < chunks, other=0.0)
     acc = tl.load(acc_ptr + (bh * chunks + c[:, None]) * acc_d + d[None, :], mask=(c[:, None] < chunks) & (d[None, :] < D),
-                  other=0.0)
+                  other=0.0)  # with m and l, before the reductions (see chunk_kernel)
+    weight = tl.exp(m - tl.max(m, axis=0))  # 0 for blocked chunks (m = -inf)
+    total = tl.sum(weight * l, axis=0)
     out = tl.sum(weight[:, None] * acc, axis=0) / total
     tl.store(out_ptr + (bh // H) * out_b + (bh % H) * out_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 

@@ -54,13 +54,18 @@ def test_every_int8_gemv_tiling_compiles_to_wide_weight_loads_without_spills(tmp
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_attention_kernels_compile_with_the_fp64_floats_inductor_passes(tmp_path, target):
+def test_the_attention_kernels_compile_with_the_fp64_floats_inductor_passes_and_load_in_one_trip(tmp_path, target):
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "m_ptr": "*fp32",
                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*bf16"}
     floats = {"scale": "fp64", "blocked": "fp64"}
     # the 4B: 8 query heads, 4 KV heads of 256 dims, 2048 positions
     chunk = {"GROUP": 2, "HAS_MASK": True, "CHUNK": decode_attention_cuda.CHUNK, "BLOCK_H": 16, "BLOCK_D": 256}
     combine = {"BLOCK_C": 2048 // decode_attention_cuda.CHUNK, "BLOCK_D": decode_attention_cuda.COMBINE_D}
-    for fn, constexprs in ((decode_attention_cuda.chunk_kernel, chunk), (decode_attention_cuda.combine_kernel, combine)):
-        _, spilled = machine_code(tmp_path, target, fn, pointers | floats, constexprs, num_warps=4)
+    # A load issued after the scores' tensor-core products (chunks) or after a barrier of the
+    # reductions (combine) waits for them: a second trip to memory in a kernel of a few microseconds
+    for fn, constexprs, first in ((decode_attention_cuda.chunk_kernel, chunk, "HMMA"),
+                                  (decode_attention_cuda.combine_kernel, combine, "BAR")):
+        sass, spilled = machine_code(tmp_path, target, fn, pointers | floats, constexprs, num_warps=4)
         assert spilled == 0, f"{fn.__name__}: {spilled} bytes of registers spilled a thread"
+        opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z]+)", sass, re.M)
+        assert "LDG" not in opcodes[opcodes.index(first):], f"{fn.__name__}: a global load after the first {first}"
