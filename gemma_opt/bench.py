@@ -271,8 +271,8 @@ def profiles(records: list[dict]) -> str:
     def lines(r):
         p, step_ms = r["profile"], 1e3 / r["decode_tokens_per_s"]
         heading, *kernels = profile_lines(r["variant"], r["model"], p)
-        return [heading, f"(timed: a step {step_ms:.2f} ms, {p['busy_device']} busy {p['busy_ms'] / step_ms:.0%} of it)",
-                *kernels]
+        timed = f"(timed: a step {step_ms:.2f} ms, {p['busy_device']} busy {p['busy_ms'] / step_ms:.0%} of it)"
+        return [heading, timed, *kernels]
     return "\n\n".join("\n".join(lines(r)) for r in records if "profile" in r)
 
 

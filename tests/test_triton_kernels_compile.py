@@ -39,8 +39,13 @@ def machine_code(tmp_path, target, fn, types, constexprs, num_warps, divisible=(
     return sass, int(re.search(r"LOCAL:(\d+)", usage).group(1))
 
 
+def opcodes(sass: str) -> list[str]:
+    """The instructions' names in order, without their modifiers (``LDG`` for ``LDG.E.128``)."""
+    return re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z]+)", sass, re.M)
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_int8_gemv_tiling_compiles_to_wide_weight_loads_without_spills(tmp_path, target):
+def test_every_int8_gemv_tiling_compiles_to_wide_weight_loads_without_spills_or_a_last_load(tmp_path, target):
     fn = int8_gemv_cuda.int8_gemv_kernel
     types = {"x_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr": "*bf16", "y_ptr": "*bf16"}
     for config in int8_gemv_cuda.CONFIGS:
@@ -51,6 +56,9 @@ def test_every_int8_gemv_tiling_compiles_to_wide_weight_loads_without_spills(tmp
         assert spilled == 0, f"{name}: {spilled} bytes of registers spilled a thread"
         # pipelined: the weights copied into shared memory ahead of their step (cp.async)
         assert ("LDGSTS" in sass) == (config.kwargs["STAGES"] > 1), name
+        # nothing loaded once the sum has begun (its warp shuffles): no last trip to memory
+        ops = opcodes(sass)
+        assert "LDG" not in ops[ops.index("SHFL"):], f"{name}: a global load after the sum"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -67,5 +75,5 @@ def test_the_attention_kernels_compile_with_the_fp64_floats_inductor_passes_and_
                                   (decode_attention_cuda.combine_kernel, combine, "BAR")):
         sass, spilled = machine_code(tmp_path, target, fn, pointers | floats, constexprs, num_warps=4)
         assert spilled == 0, f"{fn.__name__}: {spilled} bytes of registers spilled a thread"
-        opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z]+)", sass, re.M)
-        assert "LDG" not in opcodes[opcodes.index(first):], f"{fn.__name__}: a global load after the first {first}"
+        ops = opcodes(sass)
+        assert "LDG" not in ops[ops.index(first):], f"{fn.__name__}: a global load after the first {first}"
