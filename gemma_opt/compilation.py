@@ -99,23 +99,31 @@ class DecodeCache(StaticCache):
     def __init__(self, config, max_cache_len: int, kv_bucket: int | None, dtype: torch.dtype, device):
         text = config.get_text_config(decoder=True)
         Cache.__init__(self, layers=[StaticLayer(max_cache_len=max_cache_len) for _ in range(text.num_hidden_layers)])
-        self.max_cache_len, self.kv_bucket, self.sliding_window = max_cache_len, kv_bucket, text.sliding_window
-        self.kv_positions = torch.arange(max_cache_len, device=device)
-        self.blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.max_cache_len, self.kv_bucket = max_cache_len, kv_bucket
+        # Every mask this cache will need, as windows onto one row per layer type: entry j is
+        # for a cached position j - max_cache_len - 1 ahead of the token (negative: behind it).
+        # The first two entries are never in a window: dynamo specialises a dynamic tensor's
+        # storage offset of 0 or 1 (a second graph when the cache's last position is reached).
+        ahead = torch.arange(2 * max_cache_len + 1, device=device) - (max_cache_len + 1)
+        keep = {"full_attention": ahead <= 0, "sliding_attention": (ahead <= 0) & (ahead > -text.sliding_window)}
+        self.mask_rows = {kind: torch.where(k, 0.0, torch.finfo(dtype).min).to(dtype).view(1, 1, 1, -1)
+                          for kind, k in keep.items()}
 
-    def decode_masks(self, position: int) -> dict[str, torch.Tensor] | None:
-        """Additive masks for the token at ``position`` over the first positions of the cache
-        (a multiple of ``kv_bucket``, dynamic for the compiler), by layer type as Gemma 3's
-        forward takes them; None when the step reads the whole cache (transformers builds them)."""
-        if self.kv_bucket is None:
-            return None
-        length = min(self.max_cache_len, -(-(position + 1) // self.kv_bucket) * self.kv_bucket)
-        kv = self.kv_positions[:length]
-        masks = {"full_attention": kv <= position,
-                 "sliding_attention": (kv <= position) & (kv > position - self.sliding_window)}
-        masks = {kind: torch.where(keep, 0, self.blocked).view(1, 1, 1, length) for kind, keep in masks.items()}
-        for mask in masks.values():
-            torch._dynamo.mark_dynamic(mask, 3)
+    def decode_masks(self, position: int) -> dict[str, torch.Tensor]:
+        """Additive masks for the token at ``position`` by layer type, as Gemma 3's forward
+        takes them: over the whole cache, or with ``kv_bucket`` over its first positions (a
+        multiple of it, dynamic for the compiler). Views, built with no work per token, and
+        inputs of the step: built in its graph, as transformers builds them, a mask is built
+        again for each layer (inductor copies an unrealized input of an extern kernel into
+        each call; 34 kernels a step on the 4B on the H200)."""
+        length = self.max_cache_len
+        if self.kv_bucket is not None:
+            length = min(length, -(-(position + 1) // self.kv_bucket) * self.kv_bucket)
+        start = self.max_cache_len + 1 - position
+        masks = {kind: row[..., start:start + length] for kind, row in self.mask_rows.items()}
+        if self.kv_bucket is not None:
+            for mask in masks.values():
+                torch._dynamo.mark_dynamic(mask, 3)
         return masks
 
     def dynamic_copy(self, length: int, config) -> DynamicCache:

@@ -257,6 +257,25 @@ def test_on_a_gpu_the_4b_norms_reduce_their_row_in_one_pass():
     torch.testing.assert_close(out, layer_tail(x, residual))
 
 
+@NEEDS_AVX512
+def test_the_whole_cache_decode_step_reads_its_masks_from_its_inputs(tiny):
+    """The GPU's step (one static shape) on the CPU: built in the step's graph, a mask is built
+    again for every layer's attention (34 kernels a step on the 4B on the H200); passed in, the
+    layers read the one given, as the inductor code for the step shows."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    config = PipelineConfig.validated({"model": "tiny-random", "quant": {"mode": "none"},
+                                       "compile": {"mode": "reduce-overhead"}})
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(optimize, tiny, config)
+    masks = re.findall(r"gemma_opt\.decode_attention\.default\(\w+, \w+, \w+, (\w+),", next(
+        c for c in code if "gemma_opt.decode_attention.default(" in c))
+    assert len(masks) == 4 and all(re.fullmatch(r"arg\d+_1", mask) for mask in masks), masks
+
+
 def test_semi_structured_2_4_on_cpu_is_a_clear_error(tiny):
     config = PipelineConfig.validated({"model": "tiny-random", "prune": {"method": "magnitude", "pattern": "2:4"},
                                        "quant": {"mode": "none", "semi_structured": True}})
