@@ -28,39 +28,37 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 # (weight rows, inputs per loop step, warps) per program: few rows and long steps give
-# many programs with wide loads; more rows share each load of x. Each with both ways of
-# converting int8 to fp32 (BIT_CONVERT, below).
+# many programs with wide loads; more rows share each load of x.
 TILINGS = [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
            (2, 2048, 8), (4, 2048, 8)]
 # A loop step waits for its own loads, so a program has one step's weights (2-8 KB) in
 # flight at a time; on the H200 the 4B's larger matrices read at ~2.3 TB/s of the ~3.3
-# probed. These tilings also run with the loop pipelined STAGES deep: loads issued two
-# steps ahead, cp.async into shared memory (tl.range's num_stages; the copies are checked
-# in tests/test_triton_kernels_compile.py). Not yet timed on a GPU.
-PIPELINED = [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8)]
-CONFIGS = ([triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "BIT_CONVERT": bits, "STAGES": 1}, num_warps=warps)
-            for rows, step, warps in TILINGS for bits in (False, True)]
-           + [triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "BIT_CONVERT": True, "STAGES": 3}, num_warps=warps)
-              for rows, step, warps in PIPELINED])
+# probed. These tilings also run with the loop pipelined 3 deep: loads issued two steps
+# ahead, cp.async into shared memory (tl.range's num_stages; the copies are checked in
+# tests/test_triton_kernels_compile.py). Not yet timed on a GPU.
+PIPELINED = TILINGS[:7]
+CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": step, "STAGES": stages}, num_warps=warps)
+           for stages, tilings in ((1, TILINGS), (3, PIPELINED)) for rows, step, warps in tilings]
 
 
 def config_name(config: triton.Config) -> str:
-    """E.g. ``4x1024w4`` (rows x step, warps), ``+bits`` with BIT_CONVERT, ``s3`` pipelined 3 deep."""
+    """E.g. ``4x1024w4`` (rows x step, warps), ``s3`` pipelined 3 deep."""
     c = config.kwargs
-    return (f"{c['BLOCK_N']}x{c['BLOCK_K']}w{config.num_warps}" + ("+bits" if c["BIT_CONVERT"] else "")
-            + (f"s{c['STAGES']}" if c["STAGES"] > 1 else ""))
+    return f"{c['BLOCK_N']}x{c['BLOCK_K']}w{config.num_warps}" + (f"s{c['STAGES']}" if c["STAGES"] > 1 else "")
 
 
 @triton.jit
 def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BIT_CONVERT: tl.constexpr, STAGES: tl.constexpr):
+                     STAGES: tl.constexpr):
     """y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], for BLOCK_N rows n of one row m of x.
 
-    BIT_CONVERT: int8 to fp32 by bit operations and a float subtraction instead of the
-    int-to-float conversion instruction, which runs at a fraction of the FMA rate (the CUDA
-    guide's throughput table) and may only just keep up with HBM3e: w + 128 goes into the
-    low bits of the float 2**23, then 2**23 + 128 is subtracted (exact). Which is faster
-    on a given GPU is left to the autotuner.
+    int8 to fp32 by bit operations and a float subtraction, not the int-to-float conversion
+    instruction, which runs at a fraction of the FMA rate (the CUDA guide's throughput table):
+    w + 128 goes into the low bits of the float 2**23, then 2**23 + 128 is subtracted (exact).
+    Both were candidates until session 21: in the autotuner's timings on the H200 this way
+    was the fastest or within 0.2% on each matrix of the default step
+    (docs/gpu_h200/int8_gemv_bench_run3.txt and run4.txt, "+bits"), and the other doubled
+    the warm-up's compiles.
     """
     m = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,9 +71,8 @@ def int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr
         k = start + tl.arange(0, BLOCK_K)
         w = tl.load(rows + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0)
         x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0)
-        if BIT_CONVERT:
-            w = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        acc += w * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1) * scale
     tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
