@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from tokenizers.decoders import DecodeStream
+from torch.nn import functional as F
 from transformers import DynamicCache, StaticCache
 
 from .models import GENERATION_DEFAULTS, LoadedModel
