@@ -217,7 +217,7 @@ def test_grouped_attention_equals_transformers_eager_attention(kv_heads, q_len):
 
 # On a GPU: plain compile (what cog.yaml deploys), and CUDA graphs, whose outputs each run overwrites; both
 # with the next step queued before a token is read. On the CPU in CUDA graphs' mode (none are recorded there):
-# the GPU's step, over the whole cache with transformers' masks built in the graph.
+# the GPU's step, over the whole cache.
 @pytest.mark.parametrize("device, mode", [("cpu", "default"), ("cpu", "reduce-overhead"),
                                           pytest.param("cuda", "default", marks=ON_GPU),
                                           pytest.param("cuda", "reduce-overhead", marks=ON_GPU)])

@@ -3,8 +3,9 @@ brings NVIDIA's assembler and `cuobjdump`. What a GPU session would otherwise fi
 minutes is found here: a kernel that does not compile for Hopper (sm_90, the lent H200s) or
 Ada (sm_89, the L40S this service targets) with the argument types inductor gives it (a
 Python float as fp64: session 20's first H200 bench failed on that in the attention kernel),
-or an INT8 GEMV tiling that reads its weights a byte at a time, spills registers, or is not
-pipelined where it should be. Speed is scripts/gpu_check.sh's."""
+an INT8 GEMV tiling that reads its weights a byte at a time, spills registers, or is not
+pipelined where it should be, or a kernel that goes back to memory after its arithmetic has
+begun (a second round trip in a kernel of a few microseconds). Speed is scripts/gpu_check.sh's."""
 
 import re
 import subprocess
