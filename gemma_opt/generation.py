@@ -145,7 +145,8 @@ def stream(loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: Gen
             nonlocal cache, forward, decode_masks
             if prompt_len + step == full_at:  # the static cache is full
                 cache, forward, decode_masks = cache.dynamic_copy(full_at, model.config), eager, no_masks
-            return forward(input_ids=token.view(1, 1), past_key_values=cache, cache_position=positions[-1:] + step + 1,
+            position = positions[-1:] + (step + 1)  # one add: on a GPU, each is a kernel launch
+            return forward(input_ids=token.view(1, 1), past_key_values=cache, cache_position=position,
                            attention_mask=decode_masks(prompt_len + step), use_cache=True)
 
         try:
