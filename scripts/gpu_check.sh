@@ -7,9 +7,10 @@
 #      fused q/k/v and gate/up projections on the Triton GEMV, that sampling never waits for the
 #      GPU, that the 4B's norms compile to one-pass (persistent) reductions, the greedy argmax in
 #      blocks, a request that outgrows the static cache; then the Triton kernels' own
-#      (tests/test_decode_attention_cuda.py, tests/test_int8_gemv_cuda.py; every GEMV tiling);
-#      TEST_TIMEOUT=200 s (session 20's H200 ran the 50 kernel tests and not one pipeline test
-#      in 150 s, in the order kernels first);
+#      (tests/test_decode_attention_cuda.py, tests/test_int8_gemv_cuda.py; every GEMV tiling).
+#      Only their CUDA cases: the CPU ones run in CI, and the fused projections' would build
+#      the C++ kernels first. TEST_TIMEOUT=200 s (session 20's H200 ran the 50 kernel tests and
+#      not one pipeline test in 150 s, in the order kernels first);
 #   2. `bench`: plain transformers bf16 generate() against the default pipeline (INT8
 #      weight-only, head too, our GEMV kernel with q/k/v and gate/up fused, our decode-attention
 #      kernel, compiled decode step with CUDA graphs; its compile took 130 s on the H200, the
@@ -78,12 +79,13 @@ step() {
 
 if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
     step tests.log ${TEST_TIMEOUT:-200} 20 python3 -m pytest -v --durations=0 -p no:cacheprovider \
-        "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets" \
-        "tests/test_pipeline.py::test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up" \
+        "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets[cuda-reduce-overhead]" \
+        "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets[cuda-default]" \
+        "tests/test_pipeline.py::test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up[cuda]" \
         tests/test_pipeline.py::test_sampling_on_a_gpu_never_waits_for_it \
         tests/test_pipeline.py::test_on_a_gpu_the_4b_norms_reduce_their_row_in_one_pass \
-        tests/test_pipeline.py::test_blockwise_argmax_is_argmax_with_ties_nan_and_a_part_block \
-        "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text" \
+        "tests/test_pipeline.py::test_blockwise_argmax_is_argmax_with_ties_nan_and_a_part_block[cuda]" \
+        "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text[cuda-reduce-overhead]" \
         tests/test_decode_attention_cuda.py tests/test_int8_gemv_cuda.py
 fi
 if [[ "${KERNEL_BENCH:-0}" != 0 ]]; then
