@@ -188,10 +188,12 @@ def _sampler(params: SamplingParams):
 
     def sample(logits, greedy):
         probs, ids = candidates(logits, params)
-        # torch.multinomial's own draw for one sample (the same exponential race, so the same
-        # token for a seed), without its input checks, which wait for a GPU (.item()) and would
-        # stop the next step from being queued before this token is read (see stream)
-        choice = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+        # torch.multinomial's race for one sample, argmax(p / q) with q exponential, without its
+        # input checks, which wait for a GPU (.item()) and would stop the next step from being
+        # queued before this token is read (see stream). q = -log(u), u uniform, so the race is
+        # argmax(log(u) / p): ATen's exponential_ took 5.2 ms for 262k numbers on this CPU, this
+        # 1.1 ms. No NaN: log(u) < 0 (u < 1), and a token with p = 0 gets -inf.
+        choice = (torch.rand_like(probs).log_() / probs).argmax(-1, keepdim=True)
         return (choice if ids is None else ids.gather(-1, choice))[:, 0]
     return sample
 
