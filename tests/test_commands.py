@@ -20,6 +20,15 @@ def gemma_opt(*args: str) -> str:
     return run.stdout
 
 
+def test_importing_gemma_opt_silences_only_torchao_s_warnings_about_what_it_never_runs():
+    """Every command began with four lines of torchao's import warnings about extensions and
+    enums this package never touches; a warning about anything else still shows."""
+    code = ("import gemma_opt, logging, torchao; "
+            "logging.getLogger('torchao').warning('Failed to load /x/torchao/_C_other.so: why')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr == "Failed to load /x/torchao/_C_other.so: why\n", run.stderr
+
+
 @pytest.mark.slow
 def test_eval_writes_json_records_and_a_plot(tmp_path):
     out = gemma_opt("eval", "--model", "gemma-3-270m", "--methods", "none,magnitude", "--ratios", "0.1,0.3",
