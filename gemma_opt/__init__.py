@@ -24,8 +24,9 @@ class _ForeignImportWarnings(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+_filter = _ForeignImportWarnings()
 for _logger in ("torchao", "torch.utils._pytree"):  # before the imports below import torchao
-    logging.getLogger(_logger).addFilter(_ForeignImportWarnings())
+    logging.getLogger(_logger).addFilter(_filter)
 
 from .compilation import compile_decode
 from .config import CompileConfig, ConfigError, FilterConfig, PipelineConfig, PruneConfig, QuantConfig
