@@ -1,4 +1,5 @@
-"""``python -m gemma_opt``: local predictions, the Cog HTTP server, weights, schema, eval, bench."""
+"""``python -m gemma_opt``: local predictions, the Cog HTTP server, weights, schema, the pipeline's config, eval,
+bench."""
 
 from __future__ import annotations
 
@@ -178,6 +179,28 @@ def setup_one(args) -> None:
     print(json.dumps(run_setup(args.model, args.variant, args.cache_dir)))
 
 
+def config(args) -> None:
+    """The pipeline that ``setup()`` would run, resolved and validated as setup resolves it
+    (defaults, ``GEMMA_OPT_CONFIG``'s file, ``GEMMA_OPT_*``), without loading a model: a
+    typo in cog.yaml is one line here instead of a failed boot."""
+    import yaml
+
+    from .cog_schema import cog_yaml_environment
+    from .config import ConfigError, PipelineConfig, env_options
+
+    env = cog_yaml_environment(args.cog_yaml) if args.cog_yaml else None
+    try:
+        pipeline = PipelineConfig.load(env=env)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if not args.env:
+        print(yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False), end="")
+        return
+    print("# every option as an environment variable (lists: comma-separated; empty: none)")
+    for name, value, meaning in env_options(pipeline):
+        print(f"# {meaning}\n{name}={value}" if meaning else f"{name}={value}")
+
+
 def prebuild(args) -> None:
     """Build the cold-boot cache for the deployment's pipeline (GEMMA_OPT_* as in cog.yaml)."""
     from .cache import load_and_optimize
@@ -265,6 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", required=True)
     p.add_argument("--cache-dir", required=True)
     p.set_defaults(func=setup_one)
+
+    p = commands.add_parser("config", help="the pipeline setup() would run here (GEMMA_OPT_CONFIG, GEMMA_OPT_*), "
+                            "validated, as YAML (a GEMMA_OPT_CONFIG file)")
+    p.add_argument("--env", action="store_true", help="as one GEMMA_OPT_* variable per option, with its meaning")
+    p.add_argument("--cog-yaml", nargs="?", const="cog.yaml", metavar="PATH",
+                   help="the pipeline cog.yaml deploys: its environment entries instead of this shell's")
+    p.set_defaults(func=config)
 
     p = commands.add_parser("prebuild", help="build the cold-boot cache for the deployment's pipeline (GEMMA_OPT_*), "
                             "e.g. on the target GPU before baking weights/ into the image")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,16 +36,17 @@ class _Section(BaseModel):
 class FilterConfig(_Section):
     """Which modules the later stages touch (see ``gemma_opt.filtering``)."""
 
-    include_vision: bool = False
+    include_vision: bool = Field(False, description="also prune and quantize the SigLIP vision tower")
     include: list[str] = Field(default_factory=list, description="fnmatch patterns over module names to add")
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns over module names to drop")
 
 
 class PruneConfig(_Section):
-    method: Literal[PRUNE_METHODS] = "none"
+    method: Literal[PRUNE_METHODS] = Field("none", description="how weights are chosen to be zeroed")
     ratio: float | None = Field(None, description="fraction of weights zeroed (neurons: of MLP neurons); "
                                 "N:M patterns imply 1 - N/M")
-    scope: Literal["per_layer", "global"] = "per_layer"
+    scope: Literal["per_layer", "global"] = Field("per_layer", description="magnitude: rank weights within each layer "
+                                                  "or across all of them")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N kept of every M inputs)")
     layer_ratios: Literal[LAYER_RATIOS] = Field(
         "uniform", description="'owl': layers with more activation outliers keep more weights (same mean)")
@@ -55,7 +56,7 @@ class PruneConfig(_Section):
                           "(narrower MLPs: less memory, faster on any hardware; outputs unchanged)")
     steps: int = Field(4, ge=1, le=64, description="gradual: number of pruning steps")
     calibration_file: Path | None = Field(None, description="calibration text; default ships with the package")
-    calibration_tokens: int = Field(4096, ge=64, le=1 << 20)
+    calibration_tokens: int = Field(4096, ge=64, le=1 << 20, description="tokens of calibration text read")
 
     @field_validator("pattern")
     @classmethod
@@ -117,7 +118,8 @@ SPARSITY_CHOICES = {**{m: {"method": m, "layer_ratios": "uniform"} for m in PRUN
 
 
 class QuantConfig(_Section):
-    mode: Literal[QUANT_MODES] = "int8_weight_only"
+    mode: Literal[QUANT_MODES] = Field("int8_weight_only", description="weight-only quantization of the decoder "
+                                       "linears (float8_dynamic: activations too)")
     head: bool = Field(True, description="with int8_weight_only, also the tied LM head, the input embedding "
                        "reading the same int8 table (one copy); other modes leave the head in bf16")
     semi_structured: bool = Field(False, description="store 2:4-pruned linears in PyTorch's semi-structured sparse "
@@ -126,8 +128,9 @@ class QuantConfig(_Section):
 
 
 class CompileConfig(_Section):
-    mode: Literal[COMPILE_MODES] = "default"
-    backend: str = "inductor"
+    mode: Literal[COMPILE_MODES] = Field("default", description="torch.compile mode of the decode step; "
+                                         "reduce-overhead adds CUDA graphs")
+    backend: str = Field("inductor", description="torch.compile backend")
     vision: bool = Field(False, description="also compile the vision tower's encoder layers")
     cache_len: int = Field(2048, ge=64, le=1 << 17, description="static KV cache positions for the compiled decode "
                            "step; a request's tokens past it decode eagerly")
@@ -147,7 +150,8 @@ class PipelineConfig(_Section):
     model: str = Field("weights/gemma-3-4b-it", description="preset name, HF folder, .gguf file or hub id")
     fallback_model: str | None = Field(None, description="served when `model` is a missing folder")
     device: str = Field("auto", description="'auto' picks cuda when available")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="the weights' dtype before "
+                                                            "quantization, and the activations'")
     cache_dir: Path | None = Field(None, description="cold-boot cache: the optimized model and compile artifacts, "
                                    "saved by the first setup and loaded by the next (cog.yaml: weights/cache)")
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -205,6 +209,29 @@ def env_names() -> dict[str, tuple[str, ...]]:
         else:
             names[f"GEMMA_OPT_{field}".upper()] = (field,)
     return names
+
+
+def env_options(config: PipelineConfig) -> list[tuple[str, str, str]]:
+    """Every ``GEMMA_OPT_*`` variable, the value that sets ``config``'s option (read back by
+    ``PipelineConfig.load``), and what the option means: ``python -m gemma_opt config --env``."""
+    rows = []
+    for name, path in env_names().items():
+        owner, value = PipelineConfig, config
+        for part in path:
+            info, value = owner.model_fields[part], getattr(value, part)
+            owner = info.annotation
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        meaning = "; ".join(filter(None, [info.description, choices and "one of " + ", ".join(choices)]))
+        rows.append((name, _env_value(value), meaning))
+    return rows
+
+
+def _env_value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _from_env(env: dict[str, str]) -> dict:

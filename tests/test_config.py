@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from gemma_opt.cli import main
 from gemma_opt.config import SPARSITY_CHOICES, ConfigError, PipelineConfig, env_names
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.quantization import TORCHAO_CONFIGS, check_supported
@@ -83,6 +86,33 @@ def test_every_option_has_an_env_var_and_env_overrides_file(tmp_path):
     assert PipelineConfig.load(env={"GEMMA_OPT_CONFIG": str(toml_file)}).quant.mode == "none"
     with pytest.raises(ConfigError, match="prune.ratio"):
         PipelineConfig.load(env={"GEMMA_OPT_PRUNE_METHOD": "magnitude", "GEMMA_OPT_PRUNE_RATIO": "lots"})
+
+
+def test_config_command_prints_the_pipeline_as_a_file_and_as_variables_that_load_back(tmp_path, monkeypatch, capsys):
+    """What cog.yaml points to for every option: each output, read back, is the same pipeline."""
+    env = {"GEMMA_OPT_MODEL": "gemma-3-270m", "GEMMA_OPT_PRUNE_METHOD": "wanda", "GEMMA_OPT_PRUNE_RATIO": "0.3",
+           "GEMMA_OPT_FILTER_EXCLUDE": "*down_proj,*up_proj", "GEMMA_OPT_COMPILE_WARMUP": "false"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    expected = PipelineConfig.load(env=env)
+    main(["config"])
+    (tmp_path / "pipeline.yaml").write_text(capsys.readouterr().out)
+    assert PipelineConfig.load(tmp_path / "pipeline.yaml", env={}) == expected
+    main(["config", "--env"])
+    lines = capsys.readouterr().out.splitlines()
+    variables = dict(line.split("=", 1) for line in lines if not line.startswith("#"))
+    assert list(variables) == list(env_names()) and PipelineConfig.load(env=variables) == expected
+    assert variables["GEMMA_OPT_FILTER_EXCLUDE"] == "*down_proj,*up_proj" and variables["GEMMA_OPT_FALLBACK_MODEL"] == ""
+    assert "# fraction of weights zeroed" in lines[lines.index("GEMMA_OPT_PRUNE_RATIO=0.3") - 1]
+    assert lines[lines.index("GEMMA_OPT_QUANT_MODE=int8_weight_only") - 1].endswith(
+        "one of none, int8_weight_only, int4_weight_only, float8_weight_only, float8_dynamic")
+
+    main(["config", "--cog-yaml", str(Path(__file__).parent.parent / "cog.yaml")])  # cog.yaml's environment, not this shell's
+    deployed = capsys.readouterr().out
+    assert "model: weights/gemma-3-4b-it" in deployed and "cache_dir: weights/cache" in deployed
+    monkeypatch.setenv("GEMMA_OPT_PRUNE_RATIO", "lots")
+    with pytest.raises(SystemExit, match="^error: invalid pipeline config: prune.ratio: "):
+        main(["config"])
 
 
 def test_semi_structured_needs_2_4_pruning_and_a_mode_with_a_2_4_kernel():
