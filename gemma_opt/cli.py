@@ -188,10 +188,9 @@ def config(args) -> None:
     from .cog_schema import cog_yaml_environment
     from .config import ConfigError, PipelineConfig, env_options
 
-    env = cog_yaml_environment(args.cog_yaml) if args.cog_yaml else None
     try:
-        pipeline = PipelineConfig.load(env=env)
-    except ConfigError as e:
+        pipeline = PipelineConfig.load(env=cog_yaml_environment(args.cog_yaml) if args.cog_yaml else None)
+    except (ConfigError, OSError) as e:
         sys.exit(f"error: {e}")
     if not args.env:
         print(yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False), end="")

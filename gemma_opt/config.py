@@ -177,8 +177,15 @@ class PipelineConfig(_Section):
         data: dict = {}
         path = path or env.get("GEMMA_OPT_CONFIG")
         if path:
-            text = Path(path).read_text()
-            data = tomllib.loads(text) if str(path).endswith(".toml") else (yaml.safe_load(text) or {})
+            try:
+                text = Path(path).read_text()
+                data = tomllib.loads(text) if str(path).endswith(".toml") else (yaml.safe_load(text) or {})
+            except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+                where = e.problem_mark if isinstance(e, yaml.MarkedYAMLError) else None
+                reason = f"{e.problem} (line {where.line + 1}, column {where.column + 1})" if where else e
+                raise ConfigError(f"pipeline config file {path}: {reason}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"pipeline config file {path}: expected sections and options, got {data!r}")
         _merge(data, _from_env(env))
         _merge(data, overrides)
         return cls.validated(data)

@@ -86,6 +86,12 @@ def test_every_option_has_an_env_var_and_env_overrides_file(tmp_path):
     assert PipelineConfig.load(env={"GEMMA_OPT_CONFIG": str(toml_file)}).quant.mode == "none"
     with pytest.raises(ConfigError, match="prune.ratio"):
         PipelineConfig.load(env={"GEMMA_OPT_PRUNE_METHOD": "magnitude", "GEMMA_OPT_PRUNE_RATIO": "lots"})
+    (tmp_path / "broken.yaml").write_text("prune: {method: wanda\n")
+    (tmp_path / "list.yaml").write_text("- wanda\n")
+    for name, reason in (("missing.yaml", "No such file"), ("broken.yaml", "expected ',' or '}'"),
+                         ("list.yaml", "expected sections and options, got \\['wanda'\\]")):
+        with pytest.raises(ConfigError, match=f"^pipeline config file {tmp_path / name}: .*{reason}"):
+            PipelineConfig.load(env={"GEMMA_OPT_CONFIG": str(tmp_path / name)})
 
 
 def test_config_command_prints_the_pipeline_as_a_file_and_as_variables_that_load_back(tmp_path, monkeypatch, capsys):
