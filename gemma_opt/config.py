@@ -7,6 +7,7 @@ so ``cog.yaml`` can set the deployment's pipeline without code.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -23,6 +24,11 @@ N_M_METHODS = ("magnitude", "wanda")  # scores compared within groups of M input
 QUANT_MODES = ("none", "int8_weight_only", "int4_weight_only", "float8_weight_only", "float8_dynamic")
 SEMI_STRUCTURED_MODES = ("none", "float8_dynamic")  # torchao 0.18's 2:4 kernels: bf16, and float8 (CUTLASS, sm90)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# GEMMA_OPT_* variables read outside the pipeline's config: its file (here), where the bundled
+# 270M is converted and a tokenizer folder for machines without the bundle (models.py)
+OTHER_VARIABLES = ("GEMMA_OPT_CONFIG", "GEMMA_OPT_WEIGHTS_CACHE", "GEMMA_OPT_TOKENIZER")
 
 
 class ConfigError(ValueError):
@@ -242,8 +248,15 @@ def _env_value(value: object) -> str:
 
 
 def _from_env(env: dict[str, str]) -> dict:
+    names = env_names()
+    for name in env:  # a misspelt option would otherwise leave its default in place, silently
+        if name.startswith("GEMMA_OPT_") and name not in names and name not in OTHER_VARIABLES:
+            prefix = len("GEMMA_OPT_")  # compared without it, which they all share
+            close = difflib.get_close_matches(name[prefix:], [n[prefix:] for n in [*names, *OTHER_VARIABLES]], n=1)
+            raise ConfigError(f"unknown variable {name}" + (f" (did you mean GEMMA_OPT_{close[0]}?)" if close else "")
+                              + "; `python -m gemma_opt config --env` lists them all")
     data: dict = {}
-    for name, path in env_names().items():
+    for name, path in names.items():
         if name in env:
             value: object = env[name]
             if path[-1] in ("include", "exclude"):

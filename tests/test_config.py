@@ -86,6 +86,9 @@ def test_every_option_has_an_env_var_and_env_overrides_file(tmp_path):
     assert PipelineConfig.load(env={"GEMMA_OPT_CONFIG": str(toml_file)}).quant.mode == "none"
     with pytest.raises(ConfigError, match="prune.ratio"):
         PipelineConfig.load(env={"GEMMA_OPT_PRUNE_METHOD": "magnitude", "GEMMA_OPT_PRUNE_RATIO": "lots"})
+    with pytest.raises(ConfigError, match=r"^unknown variable GEMMA_OPT_PRUNE_RATO \(did you mean GEMMA_OPT_PRUNE_RATIO\?\)"):
+        PipelineConfig.load(env={"GEMMA_OPT_PRUNE_METHOD": "magnitude", "GEMMA_OPT_PRUNE_RATO": "0.3"})
+    assert PipelineConfig.load(env={"GEMMA_OPT_WEIGHTS_CACHE": "/tmp", "GEMMA_OPT_TOKENIZER": "/tmp"}) == PipelineConfig()
     (tmp_path / "broken.yaml").write_text("prune: {method: wanda\n")
     (tmp_path / "list.yaml").write_text("- wanda\n")
     for name, reason in (("missing.yaml", "No such file"), ("broken.yaml", "expected ',' or '}'"),
