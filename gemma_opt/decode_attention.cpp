@@ -160,14 +160,14 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   at::Tensor rows;
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == query.scalar_type(), "decode_attention: the mask must have the query's dtype");
-    rows = mask->reshape({-1, L}).contiguous();
-    TORCH_CHECK(rows.size(0) == 1 || rows.size(0) == B, "decode_attention: one mask row, or one per batch, expected");
+    rows = mask->contiguous();  // its rows through its data pointer, as int8_gemv reads x
+    TORCH_CHECK(rows.numel() == L || rows.numel() == B * L, "decode_attention: one mask row, or one per batch, expected");
   }
-  const at::Tensor q = query.reshape({B, H, D}).contiguous();
+  const at::Tensor q = query.contiguous();
   at::Tensor out = at::empty({B, 1, H, D}, query.options());
   gemma_opt::dispatch_float(query.scalar_type(), "decode_attention: query", [&](auto zero) {
     using scalar_t = decltype(zero);
-    attend<scalar_t>(q, key, value, mask ? rows.data_ptr<scalar_t>() : nullptr, mask ? rows.size(0) : 1, L, scale, out);
+    attend<scalar_t>(q, key, value, mask ? rows.data_ptr<scalar_t>() : nullptr, mask ? rows.numel() / L : 1, L, scale, out);
   });
   return out;
 }
