@@ -1,13 +1,15 @@
 """The `eval` and `bench` commands, run as a user would run them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gemma_opt.bench import error_line
+from gemma_opt.bench import VARIANTS, error_line
+from gemma_opt.cli import main
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,23 @@ def test_importing_gemma_opt_silences_only_torchao_s_warnings_about_what_it_neve
             "logging.getLogger('torchao').warning('Failed to load /x/torchao/_C_other.so: why')")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stderr == "Failed to load /x/torchao/_C_other.so: why\n", run.stderr
+
+
+def test_every_command_the_repo_shows_exists_with_its_options_and_variants(capsys):
+    """cog.yaml pointed to `python -m gemma_opt config --env` before that command existed."""
+    files = [ROOT / "README.md", ROOT / "cog.yaml", ROOT / "Makefile", ROOT / "predict.py",
+             *(ROOT / "scripts").iterdir(), *(ROOT / "gemma_opt").glob("*.py")]
+    shown = set(re.findall(r"-m gemma_opt ([a-z-]+)([^`|;&#\n]*)", "".join(f.read_text() for f in files)))
+    assert {"predict", "serve", "config", "bench", "eval"} <= {command for command, _ in shown}
+    for command, rest in shown:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        usage = capsys.readouterr().out
+        assert done.value.code == 0, f"python -m gemma_opt {command}: no such command"
+        for option in re.findall(r"(?<!\S)--[a-z][a-z-]*", rest):
+            assert option in usage, f"python -m gemma_opt {command}: no option {option}"
+        for names in re.findall(r"--variants? ([\w,-]+)", rest):
+            assert set(names.split(",")) <= set(VARIANTS), f"python -m gemma_opt {command}{rest}: unknown variant"
 
 
 @pytest.mark.slow
