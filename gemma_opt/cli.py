@@ -27,10 +27,14 @@ def predict(args) -> None:
     from requests import RequestException  # what cog downloads URLs with
 
     from .cog_schema import predictor_info
+    from .config import ConfigError
     from .generation import InputError
 
     sys.path.insert(0, os.getcwd())
-    info = predictor_info(args.predictor)
+    try:
+        info = predictor_info(args.predictor)  # imports predict.py, which reads the pipeline's GEMMA_OPT_*
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     values = {}
     for item in args.input:
         key, _, value = item.partition("=")

@@ -42,8 +42,8 @@ def test_openapi_schema_is_in_sync_with_predict_py():
     assert committed["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
 
 
-def local_predict(*inputs: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_COMPILE_MODE": "none"}
+def local_predict(*inputs: str, **variables: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_COMPILE_MODE": "none", **variables}
     args = [arg for item in ("prompt=What colour?", "max_new_tokens=5", *inputs) for arg in ("-i", item)]
     return subprocess.run([sys.executable, "-m", "gemma_opt", "predict", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -70,3 +70,6 @@ def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_load
         run = local_predict(item)
         assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]
         assert "Traceback" not in run.stderr and "filter map" not in run.stdout  # the model never loaded
+    run = local_predict(GEMMA_OPT_PRUNE_RATO="0.3")  # a typo in the pipeline's variables, as cog.yaml sets them
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown variable GEMMA_OPT_PRUNE_RATO (did you mean GEMMA_OPT_PRUNE_RATIO?)"), run.stderr[-2000:]
