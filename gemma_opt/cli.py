@@ -81,17 +81,21 @@ def schema(args) -> None:
 
 
 def download(args) -> None:
-    """gemma-3-4b-it at a pinned revision (gated: needs HF_TOKEN and an accepted licence)."""
+    """gemma-3-4b-it at a pinned revision (gated: needs a token and an accepted licence)."""
     import json
 
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import get_token, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
-    if not os.environ.get("HF_TOKEN"):
-        sys.exit("HF_TOKEN is not set: gemma-3-4b-it is gated. Accept its licence on Hugging Face, "
-                 "create a read token, and run `HF_TOKEN=hf_... python -m gemma_opt download`.")
+    if not get_token():  # $HF_TOKEN, or the one `hf auth login` stored
+        sys.exit("no Hugging Face token: gemma-3-4b-it is gated. Accept its licence on Hugging Face, create a "
+                 "read token, and run `hf auth login` or `HF_TOKEN=hf_... python -m gemma_opt download`.")
     dest = Path(args.dest)
-    snapshot_download(args.repo, revision=args.revision, local_dir=dest,
-                      allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
+    try:
+        snapshot_download(args.repo, revision=args.revision, local_dir=dest,
+                          allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
+    except (HfHubHTTPError, OSError) as e:  # no network, no access to the gated repo, a full disk
+        sys.exit(f"could not download {args.repo}@{args.revision}: {type(e).__name__}: {' '.join(str(e).split())}")
     index = json.loads((dest / "model.safetensors.index.json").read_text())
     missing = sorted({f for f in index["weight_map"].values() if not (dest / f).is_file()})
     if missing or json.loads((dest / "config.json").read_text())["model_type"] != "gemma3":

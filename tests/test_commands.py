@@ -1,6 +1,7 @@
 """The `eval` and `bench` commands, run as a user would run them."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gemma_opt.bench import VARIANTS, error_line
-from gemma_opt.cli import main
+from gemma_opt.cli import GEMMA_REPO, GEMMA_REVISION, main
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,22 @@ def test_every_command_the_repo_shows_exists_with_its_options_and_variants(capsy
             assert option in usage, f"python -m gemma_opt {command}: no option {option}"
         for names in re.findall(r"--variants? ([\w,-]+)", rest):
             assert set(names.split(",")) <= set(VARIANTS), f"python -m gemma_opt {command}{rest}: unknown variant"
+
+
+def test_download_takes_the_token_hf_auth_login_stored_and_fails_in_one_line(tmp_path):
+    """The 4B is gated: a token from $HF_TOKEN or `hf auth login` (which the command once ignored);
+    what goes wrong then (here: no network) is one line, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+
+    def download() -> list[str]:
+        run = subprocess.run([sys.executable, "-m", "gemma_opt", "download", "--dest", str(tmp_path / "weights")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        return run.stderr.strip().splitlines()[-1]
+
+    assert download().startswith("no Hugging Face token: gemma-3-4b-it is gated")
+    (tmp_path / "token").write_text("hf_as_stored_by_hf_auth_login")
+    assert download().startswith(f"could not download {GEMMA_REPO}@{GEMMA_REVISION}: LocalEntryNotFoundError: ")
 
 
 @pytest.mark.slow
