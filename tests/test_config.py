@@ -111,6 +111,8 @@ def test_config_command_prints_the_pipeline_as_a_file_and_as_variables_that_load
     lines = capsys.readouterr().out.splitlines()
     variables = dict(line.split("=", 1) for line in lines if not line.startswith("#"))
     assert list(variables) == list(env_names()) and PipelineConfig.load(env=variables) == expected
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert [name for name in variables if f"`{name}`" not in readme] == [], "README's configuration table"
     assert variables["GEMMA_OPT_FILTER_EXCLUDE"] == "*down_proj,*up_proj" and variables["GEMMA_OPT_FALLBACK_MODEL"] == ""
     assert "# fraction of weights zeroed" in lines[lines.index("GEMMA_OPT_PRUNE_RATIO=0.3") - 1]
     assert lines[lines.index("GEMMA_OPT_QUANT_MODE=int8_weight_only") - 1].endswith(
