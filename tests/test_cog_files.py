@@ -1,3 +1,4 @@
+import fnmatch
 import json
 import os
 import subprocess
@@ -29,6 +30,23 @@ def test_cog_yaml_uses_the_pins_installed_here():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             assert metadata.version(name).split("+")[0] == version, name
+
+
+def test_the_image_gets_the_weights_and_the_cold_boot_cache_but_not_the_local_venv():
+    """setup() loads weights/gemma-3-4b-it and weights/cache from the image; .dockerignore keeps
+    what `make` builds here (and git history) out of it."""
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and p[0] != "#"]
+
+    def ignored(path: str) -> bool:
+        """Docker's rules, loosely: a pattern excludes a path, a folder above it, or (``**/``) a folder anywhere."""
+        parts = path.split("/")
+        above = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch.fnmatch(folder, p) or (p.startswith("**/") and fnmatch.fnmatch(folder.rsplit("/")[-1], p[3:]))
+                   for p in patterns for folder in above)
+
+    assert not any(ignored(p) for p in ("weights/gemma-3-4b-it/config.json", "weights/cache/key/model.pt", "predict.py",
+                                        "gemma_opt/int8_gemv.cpp"))
+    assert all(ignored(p) for p in (".venv/bin/python", ".git/HEAD", ".gpu/tokenizer.tar.gz", "gemma_opt/__pycache__/x.pyc"))
 
 
 def test_openapi_schema_is_in_sync_with_predict_py():
