@@ -52,3 +52,28 @@ def test_use_int8_gemv_swaps_int8_linears_and_keeps_their_weights_and_prefill_pa
         exact = token.double() @ first.weight.dequantize().double().T + first.bias.double()
         out = model[0](token)
     assert (out.double() - exact).abs().max() <= (decoded.double() - exact).abs().max()  # rounded once, not twice
+
+
+def test_a_prompt_converts_every_weight_into_one_buffer_and_computes_what_torchao_computes():
+    """torchao's path makes a new bf16 copy of the weight on every prefill call (fresh pages for
+    a large one); ours converts each weight into one buffer the model's linears share."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=False), nn.Linear(96, 160), nn.Linear(160, 32, bias=False))
+    quantize_(model.to(torch.bfloat16), Int8WeightOnlyConfig())
+    weights = [linear.weight for linear in model]
+    assert use_int8_gemv(model) == 3
+    buffers = {id(linear.dequant) for linear in model}
+    x = torch.randn(2, 5, 64)
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):  # the buffer follows the activations' dtype
+        h, expected = x.to(dtype), x.to(dtype)
+        with torch.inference_mode():
+            for linear, weight in zip(model, weights):
+                h, expected = linear(h), torch.nn.functional.linear(expected, weight, linear.bias)  # torchao's
+                assert torch.equal(h, expected) and h.dtype == dtype
+        buffer = model[0].dequant.buffer
+        assert len(buffers) == 1 and buffer.dtype == dtype and buffer.numel() == 160 * 96  # the largest weight
+        if dtype == torch.float32:
+            continue
+        with torch.inference_mode():
+            model(x.to(dtype))
+        assert model[0].dequant.buffer is buffer  # reused, not made again
