@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 from torch import nn
 
 from gemma_opt.cli import main
-from gemma_opt.config import SPARSITY_CHOICES, ConfigError, PipelineConfig, env_names
+from gemma_opt.config import OTHER_VARIABLES, SPARSITY_CHOICES, ConfigError, PipelineConfig, env_names
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.quantization import TORCHAO_CONFIGS, check_supported
 
@@ -124,6 +125,16 @@ def test_config_command_prints_the_pipeline_as_a_file_and_as_variables_that_load
     monkeypatch.setenv("GEMMA_OPT_PRUNE_RATIO", "lots")
     with pytest.raises(SystemExit, match="^error: invalid pipeline config: prune.ratio: "):
         main(["config"])
+
+
+def test_every_gemma_opt_variable_the_repo_names_exists():
+    """A name that is no option fails setup (above), so none may be shown or set anywhere."""
+    root = Path(__file__).parent.parent
+    files = [root / "README.md", root / "cog.yaml", root / "Makefile", root / "weights" / "README.md",
+             *(root / "scripts").iterdir(), *(root / "gemma_opt").glob("*.py"), *(root / ".ci").iterdir()]
+    named = set(re.findall(r"GEMMA_OPT_[A-Z0-9_]*[A-Z0-9]", "".join(f.read_text() for f in files)))
+    assert {"GEMMA_OPT_MODEL", "GEMMA_OPT_CACHE_DIR", "GEMMA_OPT_WEIGHTS_CACHE"} <= named
+    assert named - set(env_names()) - set(OTHER_VARIABLES) == set()
 
 
 def test_semi_structured_needs_2_4_pruning_and_a_mode_with_a_2_4_kernel():
