@@ -4,16 +4,13 @@ import os
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 from PIL import Image
 
-from conftest import png_bytes
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, png_bytes
 SHARED_SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
 
 

@@ -5,15 +5,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from gemma_opt.bench import VARIANTS, error_line
 from gemma_opt.cli import GEMMA_REPO, GEMMA_REVISION, main
 from gemma_opt.int8_gemv import supported as int8_gemv_supported
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, repo_text
 
 
 def gemma_opt(*args: str) -> str:
@@ -34,9 +32,7 @@ def test_importing_gemma_opt_silences_only_torchao_s_warnings_about_what_it_neve
 
 def test_every_command_the_repo_shows_exists_with_its_options_and_variants(capsys):
     """cog.yaml pointed to `python -m gemma_opt config --env` before that command existed."""
-    files = [ROOT / "README.md", ROOT / "cog.yaml", ROOT / "Makefile", ROOT / "predict.py",
-             *(ROOT / "scripts").iterdir(), *(ROOT / "gemma_opt").glob("*.py")]
-    shown = set(re.findall(r"-m gemma_opt ([a-z-]+)([^`|;&#\n]*)", "".join(f.read_text() for f in files)))
+    shown = set(re.findall(r"-m gemma_opt ([a-z-]+)([^`|;&#\n]*)", repo_text()))
     assert {"predict", "serve", "config", "bench", "eval"} <= {command for command, _ in shown}
     for command, rest in shown:
         with pytest.raises(SystemExit) as done:

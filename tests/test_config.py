@@ -1,5 +1,4 @@
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ from gemma_opt.cli import main
 from gemma_opt.config import OTHER_VARIABLES, SPARSITY_CHOICES, ConfigError, PipelineConfig, env_names
 from gemma_opt.filtering import build_filter_map
 from gemma_opt.quantization import TORCHAO_CONFIGS, check_supported
+
+from conftest import ROOT, repo_text
 
 
 def test_defaults_are_the_product_pipeline():
@@ -112,14 +113,14 @@ def test_config_command_prints_the_pipeline_as_a_file_and_as_variables_that_load
     lines = capsys.readouterr().out.splitlines()
     variables = dict(line.split("=", 1) for line in lines if not line.startswith("#"))
     assert list(variables) == list(env_names()) and PipelineConfig.load(env=variables) == expected
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert [name for name in variables if f"`{name}`" not in readme] == [], "README's configuration table"
     assert variables["GEMMA_OPT_FILTER_EXCLUDE"] == "*down_proj,*up_proj" and variables["GEMMA_OPT_FALLBACK_MODEL"] == ""
     assert "# fraction of weights zeroed" in lines[lines.index("GEMMA_OPT_PRUNE_RATIO=0.3") - 1]
     assert lines[lines.index("GEMMA_OPT_QUANT_MODE=int8_weight_only") - 1].endswith(
         "one of none, int8_weight_only, int4_weight_only, float8_weight_only, float8_dynamic")
 
-    main(["config", "--cog-yaml", str(Path(__file__).parent.parent / "cog.yaml")])  # cog.yaml's environment, not this shell's
+    main(["config", "--cog-yaml", str(ROOT / "cog.yaml")])  # cog.yaml's environment, not this shell's
     deployed = capsys.readouterr().out
     assert "model: weights/gemma-3-4b-it" in deployed and "cache_dir: weights/cache" in deployed
     monkeypatch.setenv("GEMMA_OPT_PRUNE_RATIO", "lots")
@@ -129,10 +130,7 @@ def test_config_command_prints_the_pipeline_as_a_file_and_as_variables_that_load
 
 def test_every_gemma_opt_variable_the_repo_names_exists():
     """A name that is no option fails setup (above), so none may be shown or set anywhere."""
-    root = Path(__file__).parent.parent
-    files = [root / "README.md", root / "cog.yaml", root / "Makefile", root / "weights" / "README.md",
-             *(root / "scripts").iterdir(), *(root / "gemma_opt").glob("*.py"), *(root / ".ci").iterdir()]
-    named = set(re.findall(r"GEMMA_OPT_[A-Z0-9_]*[A-Z0-9]", "".join(f.read_text() for f in files)))
+    named = set(re.findall(r"GEMMA_OPT_[A-Z0-9_]*[A-Z0-9]", repo_text()))
     assert {"GEMMA_OPT_MODEL", "GEMMA_OPT_CACHE_DIR", "GEMMA_OPT_WEIGHTS_CACHE"} <= named
     assert named - set(env_names()) - set(OTHER_VARIABLES) == set()
 
