@@ -2,6 +2,7 @@
 
 import logging
 import re
+import warnings
 
 import torch
 
@@ -27,6 +28,10 @@ class _ForeignImportWarnings(logging.Filter):
 _filter = _ForeignImportWarnings()
 for _logger in ("torchao", "torch.utils._pytree"):  # before the imports below import torchao
     logging.getLogger(_logger).addFilter(_filter)
+# At the first compile of a model with torchao's INT8 weights (every setup), torch advises
+# torchao's authors to give Int8Tensor a cache hash of its own; without one torch hashes its
+# inner tensors and metadata itself, and compiled graphs are cached all the same (cold boot).
+warnings.filterwarnings("ignore", r"Int8Tensor does not implement _stable_hash_for_caching", UserWarning)
 
 from .compilation import compile_decode
 from .config import CompileConfig, ConfigError, FilterConfig, PipelineConfig, PruneConfig, QuantConfig
