@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def repo_text() -> str:
-    """What the repo shows and runs (its READMEs, cog.yaml, Makefile, CI, scripts, the package),
+    """What the repo shows and runs (its READMEs and docs, cog.yaml, Makefile, CI, scripts, the package),
     in one string: where the commands and GEMMA_OPT_* names a user meets are written."""
     files = [ROOT / name for name in ("README.md", "weights/README.md", "cog.yaml", "Makefile", "predict.py")]
-    files += [*(ROOT / ".ci").iterdir(), *(ROOT / "scripts").iterdir(), *(ROOT / "gemma_opt").glob("*.py")]
+    files += [*(ROOT / ".ci").iterdir(), *(ROOT / "scripts").iterdir(), *(ROOT / "gemma_opt").glob("*.py"),
+              *(ROOT / "docs").rglob("*.md")]
     return "".join(f.read_text() for f in files if f.is_file())
 
 
