@@ -6,7 +6,7 @@ can save the compressed model between them."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,9 +30,6 @@ class Report:
     compiled: list[str]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cache: str = "off"  # the cold-boot cache: 'off', 'hit' or 'miss: <reason>' (cache.py)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         s = self.stage_seconds
