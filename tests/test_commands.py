@@ -55,6 +55,22 @@ def test_every_command_the_repo_shows_exists_with_its_options_and_variants(capsy
             assert set(names.split(",")) <= set(VARIANTS), f"python -m gemma_opt {command}{rest}: unknown variant"
 
 
+def test_the_gpu_check_names_tests_and_variants_that_exist():
+    """A session gets a GPU for 15 minutes at most, now and then, and scripts/gpu_check.sh is
+    only run there: one test it names that has been renamed since makes pytest stop ('not
+    found') and costs the whole tests step, and a renamed variant the bench."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    named = sorted(set(re.findall(r"tests/test_\w+\.py(?:::[^\s\"]+)?", script)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *named],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]  # e.g. 'ERROR: not found: <node>'
+    collected = run.stdout.splitlines()
+    for node in named:
+        assert any(line == node or line.startswith(node + "::") for line in collected), node
+    variants = set(re.findall(r"\b(?:hf|bf16|int8|fp8)(?:-[a-z0-9]+)+\b", script))
+    assert "int8-head-compile" in variants and variants <= set(VARIANTS), variants - set(VARIANTS)
+
+
 def test_download_takes_the_token_hf_auth_login_stored_and_fails_in_one_line(tmp_path):
     """The 4B is gated: a token from $HF_TOKEN or `hf auth login` (which the command once ignored);
     what goes wrong then (here: no network) is one line, not a traceback."""
