@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+
 import pytest
 
 from gemma_opt.bench import VARIANTS, error_line
