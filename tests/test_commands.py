@@ -59,7 +59,8 @@ def test_every_command_the_repo_shows_exists_with_its_options_and_variants(capsy
 def test_the_gpu_check_names_tests_that_exist():
     """A session gets a GPU for 15 minutes at most, now and then, and scripts/gpu_check.sh is
     only run there: one test it names that has been renamed since makes pytest stop ('not
-    found') and costs the whole tests step. (Its variants: the next test.)"""
+    found') and costs the whole tests step. Its variants are checked with every other
+    variant name in the repo (test_every_variant_the_repo_names_is_a_bench_variant)."""
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     named = sorted(set(re.findall(r"tests/test_\w+\.py(?:::[^\s\"]+)?", script)))
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *named],
@@ -72,9 +73,10 @@ def test_the_gpu_check_names_tests_that_exist():
 
 def test_every_variant_the_repo_names_is_a_bench_variant():
     """A variant renamed in bench.py leaves its old name behind in the README's tables and
-    prose, the docs, and gpu_check.sh's settings and comments (where the command test above
-    does not look): each word that begins as a variant family does (int8-, bf16-, mlp25-, ...)
-    must be a variant."""
+    prose, the docs, and gpu_check.sh's settings and comments, where
+    test_every_command_the_repo_shows_exists_with_its_options_and_variants does not look:
+    each word that begins as a variant family does (int8-, bf16-, mlp25-, ...) must be a
+    variant."""
     families = "|".join(sorted({name.split("-")[0] for name in VARIANTS}))
     named = set(re.findall(rf"\b(?:{families})(?:-[a-z0-9]+)+\b", repo_text()))
     assert {"hf-eager-bf16", "int8-head-compile-bmm"} <= named <= set(VARIANTS), named - set(VARIANTS)
