@@ -14,13 +14,14 @@ from .models import GENERATION_DEFAULTS
 
 GEMMA_REPO = "google/gemma-3-4b-it"
 GEMMA_REVISION = "093f9f388b31de276ce2de164bdc2081324b9767"
+MODEL_HELP = "sets GEMMA_OPT_MODEL (preset, folder or .gguf)"
 
 
 def predict(args) -> None:
     """Run predict.py's Predictor in-process, like `cog predict -i name=value -i file=@path`; a
     file input may also be a URL or data URI, downloaded as Cog's server does. Inputs are
     checked, and URLs downloaded, before the model loads: a typo costs no setup. Errors are
-    one line, as the server's are."""
+    one line, as the server's are, setup's missing weights and unsupported options included."""
     from cog import Path as CogPath
     from cog import _inspector
     from cog.types import URLPath
@@ -29,8 +30,11 @@ def predict(args) -> None:
     from .cog_schema import predictor_info
     from .config import ConfigError
     from .generation import InputError
+    from .models import ModelNotFoundError
 
     sys.path.insert(0, os.getcwd())
+    if args.model:
+        os.environ["GEMMA_OPT_MODEL"] = args.model
     try:
         info = predictor_info(args.predictor)  # imports predict.py, which reads the pipeline's GEMMA_OPT_*
     except ConfigError as e:
@@ -54,7 +58,10 @@ def predict(args) -> None:
             except RequestException as e:
                 sys.exit(f"{key}: could not download {value}: {e}")
     predictor = getattr(importlib.import_module(info.module_name), info.predictor_name)()
-    predictor.setup()
+    try:
+        predictor.setup()
+    except (ModelNotFoundError, ConfigError) as e:  # weights to download, a pipeline this machine cannot run
+        sys.exit(f"error: {e}")
     try:
         for text in predictor.run(**inputs):
             print(text, end="", flush=True)
@@ -225,11 +232,12 @@ def main(argv: list[str] | None = None) -> None:
 
     p = commands.add_parser("predict", help="one prediction in-process (mirrors `cog predict`)")
     p.add_argument("-i", "--input", action="append", default=[], help="name=value, or name=@file")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--predictor", default="predict.py:Predictor")
     p.set_defaults(func=predict)
 
     p = commands.add_parser("serve", help="start the Cog HTTP server (python -m cog.server.http)")
-    p.add_argument("--model", help="sets GEMMA_OPT_MODEL (preset, folder or .gguf)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--predictor", default="predict.py:Predictor")

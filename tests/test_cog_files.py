@@ -57,9 +57,10 @@ def test_openapi_schema_is_in_sync_with_predict_py():
     assert committed["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
 
 
-def local_predict(*inputs: str, **variables: str) -> subprocess.CompletedProcess:
+def local_predict(*inputs: str, model: str | None = None, **variables: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GEMMA_OPT_MODEL": "tiny-random", "GEMMA_OPT_COMPILE_MODE": "none", **variables}
     args = [arg for item in ("prompt=What colour?", "max_new_tokens=5", *inputs) for arg in ("-i", item)]
+    args += ["--model", model] if model else []
     return subprocess.run([sys.executable, "-m", "gemma_opt", "predict", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -88,3 +89,16 @@ def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_load
     run = local_predict(GEMMA_OPT_PRUNE_RATO="0.3")  # a typo in the pipeline's variables, as cog.yaml sets them
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
         "error: unknown variable GEMMA_OPT_PRUNE_RATO (did you mean GEMMA_OPT_PRUNE_RATIO?)"), run.stderr[-2000:]
+
+
+def test_local_predict_takes_a_model_and_reports_a_failed_setup_in_one_line(tmp_path):
+    """``--model`` as ``serve`` takes it; weights not there, or a pipeline this machine cannot
+    run, fail setup in one line, as a bad input does."""
+    missing = tmp_path / "gemma-3-4b-it"
+    run = local_predict(model="tiny-random", GEMMA_OPT_MODEL=str(missing))
+    assert run.returncode == 0, run.stderr[-2000:]
+    for run, message in [(local_predict(model=str(missing)), f"error: no model at '{missing}'. Download gemma-3-4b-it"),
+                         (local_predict(GEMMA_OPT_DEVICE="cpu", GEMMA_OPT_QUANT_MODE="int4_weight_only"),
+                          "error: int4_weight_only is not supported by torchao")]:
+        assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]
+        assert "Traceback" not in run.stderr
