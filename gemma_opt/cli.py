@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SPARSITY_CHOICES
-from .models import GENERATION_DEFAULTS
+from .config import SPARSITY_CHOICES, ConfigError
+from .models import GENERATION_DEFAULTS, ModelNotFoundError
 
 GEMMA_REPO = "google/gemma-3-4b-it"
 GEMMA_REVISION = "093f9f388b31de276ce2de164bdc2081324b9767"
@@ -28,17 +28,12 @@ def predict(args) -> None:
     from requests import RequestException  # what cog downloads URLs with
 
     from .cog_schema import predictor_info
-    from .config import ConfigError
     from .generation import InputError
-    from .models import ModelNotFoundError
 
     sys.path.insert(0, os.getcwd())
     if args.model:
         os.environ["GEMMA_OPT_MODEL"] = args.model
-    try:
-        info = predictor_info(args.predictor)  # imports predict.py, which reads the pipeline's GEMMA_OPT_*
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    info = predictor_info(args.predictor)  # imports predict.py, which reads the pipeline's GEMMA_OPT_*
     values = {}
     for item in args.input:
         key, _, value = item.partition("=")
@@ -58,10 +53,7 @@ def predict(args) -> None:
             except RequestException as e:
                 sys.exit(f"{key}: could not download {value}: {e}")
     predictor = getattr(importlib.import_module(info.module_name), info.predictor_name)()
-    try:
-        predictor.setup()
-    except (ModelNotFoundError, ConfigError) as e:  # weights to download, a pipeline this machine cannot run
-        sys.exit(f"error: {e}")
+    predictor.setup()
     try:
         for text in predictor.run(**inputs):
             print(text, end="", flush=True)
@@ -201,11 +193,11 @@ def config(args) -> None:
     import yaml
 
     from .cog_schema import cog_yaml_environment
-    from .config import ConfigError, PipelineConfig, env_options
+    from .config import PipelineConfig, env_options
 
     try:
         pipeline = PipelineConfig.load(env=cog_yaml_environment(args.cog_yaml) if args.cog_yaml else None)
-    except (ConfigError, OSError) as e:
+    except OSError as e:
         sys.exit(f"error: {e}")
     if not args.env:
         print(yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False), end="")
@@ -317,4 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=prebuild)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ModelNotFoundError, ConfigError) as e:  # weights to get, an option that cannot work: the message says which
+        sys.exit(f"error: {e}")
