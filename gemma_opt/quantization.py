@@ -31,16 +31,13 @@ SEMI_STRUCTURED_CONFIGS = {  # 2:4 kernels in torch 2.13 / torchao 0.18, with th
 def quantize(model: nn.Module, fmap: FilterMap, config: QuantConfig) -> None:
     """Quantize the filter map's linears in place (``mode='none'`` leaves them), or with
     ``semi_structured`` store their 2:4 zeros compressed for the sparse kernels."""
+    example = next(iter(fmap.modules.values())).weight
+    check_quantization(config, example.device, example.dtype)
     if config.semi_structured:
-        make_config, capability = SEMI_STRUCTURED_CONFIGS[config.mode]
-        example = next(iter(fmap.modules.values()))
-        check_semi_structured_device(example.weight.device, capability)
-        check_supported(f"{config.mode} 2:4 semi-structured", make_config, example, two_four=True)
-        quantize_(model, make_config(), filter_fn=fmap.filter_fn)
+        quantize_(model, SEMI_STRUCTURED_CONFIGS[config.mode][0](), filter_fn=fmap.filter_fn)
         return
     if config.mode == "none":
         return
-    check_supported(config.mode, TORCHAO_CONFIGS[config.mode], next(iter(fmap.modules.values())))
     quantize_(model, TORCHAO_CONFIGS[config.mode](), filter_fn=fmap.filter_fn)
     if config.head and config.mode == "int8_weight_only":
         quantize_head(model)
@@ -85,24 +82,35 @@ def check_semi_structured_device(device: torch.device, capability: tuple[int, in
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
 
 
-def check_supported(label: str, make_config, example: nn.Linear, two_four: bool = False) -> None:
+def check_quantization(config: QuantConfig, device: torch.device | str, dtype: torch.dtype) -> None:
+    """A clear ConfigError when this device cannot run ``config``; cheap, so a caller can ask
+    before slow or costly work (a variant's pruning, evicting a cached variant)."""
+    device = torch.device(device)
+    if config.semi_structured:
+        make_config, capability = SEMI_STRUCTURED_CONFIGS[config.mode]
+        check_semi_structured_device(device, capability)
+        check_supported(f"{config.mode} 2:4 semi-structured", make_config, device, dtype, two_four=True)
+    elif config.mode != "none":
+        check_supported(config.mode, TORCHAO_CONFIGS[config.mode], device, dtype)
+
+
+def check_supported(label: str, make_config, device: torch.device, dtype: torch.dtype, two_four: bool = False) -> None:
     """Convert and run a small layer like a real one; torchao's own error becomes a clear one.
 
     torchao's support differs by device, dtype and installed kernels (int4 needs CUDA
     kernels, for instance), so asking it beats keeping a table that goes stale.
     """
-    weight = example.weight
-    probe = nn.Sequential(nn.Linear(256, 256, bias=False, device=weight.device, dtype=weight.dtype))
+    probe = nn.Sequential(nn.Linear(256, 256, bias=False, device=device, dtype=dtype))
     if two_four:  # a 2:4 pattern: the two smaller of every four inputs zeroed
         with torch.no_grad():
             w = probe[0].weight.view(-1, 4)
             w.scatter_(1, w.abs().argsort(dim=1)[:, :2], 0)
     try:
         quantize_(probe, make_config())
-        probe(torch.ones(1, 256, device=weight.device, dtype=weight.dtype))
+        probe(torch.ones(1, 256, device=device, dtype=dtype))
     except Exception as e:  # noqa: BLE001 - re-raised with the reason
         raise ConfigError(f"{label} is not supported by torchao {torchao.__version__} on "
-                          f"{weight.device.type} with {weight.dtype}: {type(e).__name__}: {e}") from e
+                          f"{device.type} with {dtype}: {type(e).__name__}: {e}") from e
 
 
 def plain_tensors(t: Tensor) -> list[Tensor]:

@@ -25,6 +25,7 @@ from .generation import GenerationStats, InputError, SamplingParams, build_input
 from .models import LoadedModel
 from .cache import load_and_optimize
 from .pipeline import Report, load, optimize, resolve_device
+from .quantization import check_quantization
 
 # Larger images are refused as decompression bombs. Phones' largest photos (200 MP, 16320 x 12240)
 # pass; decoded, such an image takes up to 1 GB (RGBA) unless it is a JPEG (see open_image).
@@ -148,6 +149,7 @@ class Service:
             if key != self.default_key:
                 self.variants.move_to_end(key)
             return self.variants[key]
+        check_quantization(config.quant, self.device, getattr(torch, config.dtype))  # before evicting what is cached
         extras = [k for k in self.variants if k != self.default_key]
         while extras and len(extras) >= self.extra_variants:
             del self.variants[extras.pop(0)]  # least recently used first

@@ -60,7 +60,7 @@ def test_unknown_quantization_and_compile_modes_are_rejected():
 
 def test_int4_on_this_cpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="int4_weight_only is not supported by torchao .* on cpu"):
-        check_supported("int4_weight_only", TORCHAO_CONFIGS["int4_weight_only"], nn.Linear(8, 8, dtype=torch.bfloat16))
+        check_supported("int4_weight_only", TORCHAO_CONFIGS["int4_weight_only"], torch.device("cpu"), torch.bfloat16)
 
 
 def test_filter_pattern_matching_nothing_is_an_error():

@@ -13,7 +13,7 @@ import torch
 from PIL import ExifTags, Image, ImageDraw
 
 from gemma_opt.compilation import compile_counters
-from gemma_opt.config import PipelineConfig
+from gemma_opt.config import ConfigError, PipelineConfig
 from gemma_opt.generation import GenerationStats, InputError, SamplingParams
 from gemma_opt.service import Service, open_image
 
@@ -83,6 +83,10 @@ def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(servic
     assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4), GenerationStats()))
     with pytest.raises(InputError, match=r"sparsity_method 'wanda' with sparsity_ratio 0.0: .*ratio must be within"):
         service.get("wanda", 0.0, "int8_weight_only")  # the web form's ratio when the deployment prunes nothing
+    cached = service.get("magnitude", 0.3, "int8_weight_only")
+    with pytest.raises(ConfigError, match="int4_weight_only is not supported by torchao .* on cpu"):
+        service.get("wanda", 0.5, "int4_weight_only")  # the web form offers it; torchao runs it on CUDA only
+    assert service.get("magnitude", 0.3, "int8_weight_only") is cached  # still cached: not evicted, not rebuilt
 
 
 def test_closing_the_stream_stops_generation_on_the_model_thread(service):
