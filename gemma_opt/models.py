@@ -77,8 +77,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
     else:
         raise ModelNotFoundError(
             f"no model at {name!r}. Download gemma-3-4b-it with `HF_TOKEN=... python -m gemma_opt download` "
-            f"(the model is gated: accept its licence on Hugging Face first), or set GEMMA_OPT_MODEL to a "
-            f"preset ({', '.join(PRESETS)}), a folder or a .gguf file.")
+            f"(the model is gated: accept its licence on Hugging Face first), or choose another model "
+            f"(GEMMA_OPT_MODEL, or a command's --model): a preset ({', '.join(PRESETS)}), a folder or a .gguf file.")
     loaded.model.to(device).eval().requires_grad_(False)  # inference only, as the cold-boot cache loads it
     return loaded
 
