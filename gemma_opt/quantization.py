@@ -17,7 +17,9 @@ from .filtering import FilterMap
 
 TORCHAO_CONFIGS = {
     "int8_weight_only": Int8WeightOnlyConfig,
-    "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=128),
+    # tinygemm (PyTorch's own _weight_int4pack_mm, CUDA sm80+, as in gpt-fast): torchao 0.18's
+    # default int4 format needs the separate mslk package's kernels, and failed without them.
+    "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
     "float8_weight_only": Float8WeightOnlyConfig,
     "float8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
 }

@@ -5,8 +5,9 @@
 #   1. the tests that need a GPU, the most telling first: the compiled decode loop's (plain
 #      compile and CUDA graphs, next step queued before a token is read) on a tiny model, the
 #      fused q/k/v and gate/up projections on the Triton GEMV, that sampling never waits for the
-#      GPU, that the 4B's norms compile to one-pass (persistent) reductions, the greedy argmax in
-#      blocks, a request that outgrows the static cache; then the Triton kernels' own
+#      GPU, that int4 (tinygemm) and float8 variants build and decode (eager), that the 4B's
+#      norms compile to one-pass (persistent) reductions, the greedy argmax in blocks, a
+#      request that outgrows the static cache; then the Triton kernels' own
 #      (tests/test_decode_attention_cuda.py, tests/test_int8_gemv_cuda.py; every GEMV tiling).
 #      Only their CUDA cases: the CPU ones run in CI, and the fused projections' would build
 #      the C++ kernels first. TEST_TIMEOUT=200 s (session 20's H200 ran the 50 kernel tests and
@@ -83,6 +84,7 @@ if [[ "${KERNEL_CHECKS:-1}" != 0 ]]; then
         "tests/test_pipeline.py::test_compiled_decode_is_one_graph_and_matches_eager_decoding_past_the_sliding_window_and_kv_buckets[cuda-default]" \
         "tests/test_pipeline.py::test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up[cuda]" \
         tests/test_pipeline.py::test_sampling_on_a_gpu_never_waits_for_it \
+        tests/test_service.py::test_on_a_gpu_each_quantization_the_web_form_offers_builds_and_decodes \
         tests/test_pipeline.py::test_on_a_gpu_the_4b_norms_reduce_their_row_in_one_pass \
         "tests/test_pipeline.py::test_blockwise_argmax_is_argmax_with_ties_nan_and_a_part_block[cuda]" \
         "tests/test_pipeline.py::test_a_request_that_fills_the_static_cache_goes_on_eagerly_with_the_same_text[cuda-reduce-overhead]" \

@@ -68,7 +68,7 @@ def test_the_gpu_check_names_tests_that_exist():
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]  # e.g. 'ERROR: not found: <node>'
     collected = run.stdout.splitlines()
     for node in named:
-        assert any(line == node or line.startswith(node + "::") for line in collected), node
+        assert any(line == node or line.startswith((node + "::", node + "[")) for line in collected), node
 
 
 def test_every_variant_the_repo_names_is_a_bench_variant():

@@ -2,6 +2,7 @@
 each model (the default, each variant) keeps its own compiled decode step; a request's image is read as
 a viewer shows it."""
 
+import copy
 import gc
 import threading
 import weakref
@@ -119,6 +120,26 @@ def test_each_variant_compiles_its_own_decode_step_whatever_dynamo_s_recompile_l
     assert built[0]() is None and built[1]() is not None  # one extra variant kept; dynamo holds no weights
     assert "".join(service.generate(service.default[0], "Hi", None, None, greedy, GenerationStats()))
     assert compile_counters()["unique_graphs"] == graphs + 2  # the default kept its graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["int4_weight_only", "float8_weight_only", "float8_dynamic"])
+def test_on_a_gpu_each_quantization_the_web_form_offers_builds_and_decodes(mode):
+    """torchao's tensors for the modes the web form offers beside INT8, each built into a
+    served variant and decoding; a linear's output stays near the dense one's."""
+    if mode.startswith("float8") and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability 8.9 (L40S, H100)")
+    service = Service(PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))
+    loaded = service.get("none", 0.0, mode)[0]
+    stats = GenerationStats()
+    assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4, temperature=0), stats))
+    assert stats.output_tokens == 4
+    name = next(n for n, _ in loaded.model.named_modules() if n.endswith("layers.0.mlp.gate_proj"))
+    quantized, dense = loaded.model.get_submodule(name), copy.deepcopy(service.pristine.get_submodule(name)).cuda()
+    assert type(quantized.weight).__name__ == {"int4_weight_only": "Int4TilePackedTo4dTensor"}.get(mode, "Float8Tensor")
+    x = torch.randn(3, dense.in_features, device="cuda", dtype=dense.weight.dtype)
+    expected = dense(x)
+    assert (quantized(x) - expected).norm() / expected.norm() < 0.25  # int4's rounding alone: ~0.09 here
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
