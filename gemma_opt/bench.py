@@ -54,6 +54,7 @@ VARIANTS = {  # name -> pipeline sections; None: plain transformers generate(), 
                                                        "compact": kind == "compact"}}
        for ratio in (0.25, 0.5) for kind in ("masked", "compact")},
     "fp8-compile": {"quant": {"mode": "float8_dynamic"}},
+    "int4-compile": {"quant": {"mode": "int4_weight_only"}},  # tinygemm (CUDA): half of INT8's decoder bytes
     # 2:4 on PyTorch's semi-structured sparse kernels (CUDA only): compare with bf16-compile / fp8-compile
     "sparse24-bf16-compile": {"prune": {"method": "magnitude", "pattern": "2:4"},
                               "quant": {"mode": "none", "semi_structured": True}},
