@@ -131,8 +131,8 @@ def test_on_a_gpu_each_quantization_the_web_form_offers_builds_and_decodes(mode)
         pytest.skip("float8 needs compute capability 8.9 (L40S, H100)")
     service = Service(PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))
     loaded = service.get("none", 0.0, mode)[0]
-    stats = GenerationStats()
-    assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4, temperature=0), stats))
+    stats, greedy = GenerationStats(), SamplingParams(max_new_tokens=4, temperature=0, stop_at_eos=False)
+    assert "".join(service.generate(loaded, "Hi", None, None, greedy, stats))
     assert stats.output_tokens == 4
     name = next(n for n, _ in loaded.model.named_modules() if n.endswith("layers.0.mlp.gate_proj"))
     quantized, dense = loaded.model.get_submodule(name), copy.deepcopy(service.pristine.get_submodule(name)).cuda()
