@@ -124,12 +124,11 @@ def test_each_variant_compiles_its_own_decode_step_whatever_dynamo_s_recompile_l
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["int4_weight_only", "float8_weight_only", "float8_dynamic"])
-def test_on_a_gpu_each_quantization_the_web_form_offers_builds_and_decodes(mode):
+def test_on_a_gpu_each_quantization_the_web_form_offers_builds_and_decodes(service, mode):
     """torchao's tensors for the modes the web form offers beside INT8, each built into a
     served variant and decoding; a linear's output stays near the dense one's."""
     if mode.startswith("float8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs compute capability 8.9 (L40S, H100)")
-    service = Service(PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))
     loaded = service.get("none", 0.0, mode)[0]
     stats, greedy = GenerationStats(), SamplingParams(max_new_tokens=4, temperature=0, stop_at_eos=False)
     assert "".join(service.generate(loaded, "Hi", None, None, greedy, stats))
