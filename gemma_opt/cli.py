@@ -31,8 +31,6 @@ def predict(args) -> None:
     from .generation import InputError
 
     sys.path.insert(0, os.getcwd())
-    if args.model:
-        os.environ["GEMMA_OPT_MODEL"] = args.model
     info = predictor_info(args.predictor)  # imports predict.py, which reads the pipeline's GEMMA_OPT_*
     values = {}
     for item in args.input:
@@ -67,8 +65,6 @@ def serve(args) -> None:
     # coglet's worker process runs `python` from PATH: make it this interpreter.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = dict(os.environ, COG_PREDICT_TYPE_STUB=args.predictor, PORT=str(args.port), PATH=path)
-    if args.model:
-        env["GEMMA_OPT_MODEL"] = args.model
     os.execvpe(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", args.host], env)
 
 
@@ -224,12 +220,12 @@ def main(argv: list[str] | None = None) -> None:
 
     p = commands.add_parser("predict", help="one prediction in-process (mirrors `cog predict`)")
     p.add_argument("-i", "--input", action="append", default=[], help="name=value, or name=@file")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", dest="gemma_opt_model", help=MODEL_HELP)
     p.add_argument("--predictor", default="predict.py:Predictor")
     p.set_defaults(func=predict)
 
     p = commands.add_parser("serve", help="start the Cog HTTP server (python -m cog.server.http)")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", dest="gemma_opt_model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--predictor", default="predict.py:Predictor")
@@ -309,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=prebuild)
 
     args = parser.parse_args(argv)
+    if getattr(args, "gemma_opt_model", None):  # before predict.py is imported (predict) or the server starts (serve)
+        os.environ["GEMMA_OPT_MODEL"] = args.gemma_opt_model
     try:
         args.func(args)
     except (ModelNotFoundError, ConfigError) as e:  # weights to get, an option that cannot work: the message says which

@@ -20,8 +20,9 @@
 #      kernels), with its CUDA graphs and no second compile. VARIANTS= picks others, e.g.
 #      int8-head-compile-bmm (the attention as two bmm calls, run 3's), int8-head-compile-unfused
 #      (a GEMV call per projection, as in run 3), bf16-compile, int4-compile (tinygemm, never
-#      run yet) or int8-head-compile-aten (torchao's path); each compile is ~2 minutes, so a second one needs KERNEL_CHECKS=0
-#      (skips step 1), e.g. KERNEL_CHECKS=0 VARIANTS=int8-head-compile,int8-head-compile-bmm.
+#      run yet) or int8-head-compile-aten (torchao's path); each compile is ~2 minutes, so a
+#      second one needs KERNEL_CHECKS=0 (skips step 1), e.g.
+#      KERNEL_CHECKS=0 VARIANTS=int8-head-compile,int8-head-compile-bmm.
 # Optional, each in place of part of the above within 8 minutes: KERNEL_BENCH=1 (the kernels
 # alone on the 4B shapes, scripts/int8_gemv_bench.py --device cuda: ours, torchao's compiled
 # path, a plain sum and bf16 cuBLAS, in GB/s, and each of our tilings; ~100 s; the H200's is in
