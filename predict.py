@@ -24,7 +24,8 @@ class Predictor(BaseRunner):
     @cog.streaming
     def run(
         self,
-        prompt: str = Input(description="What to ask about the image (or a plain text prompt)."),
+        prompt: str = Input(description="What to ask about the image, or a plain text prompt "
+                                      "(it may be empty only with an image)."),
         image: Optional[Path] = Input(default=None, description="Optional image: upload, URL or data URI."),
         system_prompt: str = Input(default="", description="Instructions placed before the prompt "
                                    "(Gemma 3 has no system role: it is merged into the first user turn)."),

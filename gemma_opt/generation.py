@@ -53,6 +53,8 @@ def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: st
                  max_new_tokens: int = 0) -> dict:
     """Chat-formatted model inputs. Gemma 3 has no system role: its template merges the
     system prompt into the first user turn, and so does ours."""
+    if not prompt.strip() and image is None:  # nothing asked: the model would ramble for max_new_tokens
+        raise InputError("the prompt is empty; write one, or send an image (with an image, it may be empty)")
     if image is not None and not loaded.has_vision:
         raise InputError(f"this model ({loaded.name}) has no vision tower; send the prompt without an image")
     if loaded.processor is not None:  # it expands these itself; typed in, they broke its count of images

@@ -139,6 +139,8 @@ def test_bad_files_and_prompts_fail_clearly_and_the_server_keeps_serving(tiny_se
         assert body["status"] == "failed" and message in body["error"], body
     body = tiny_server.predict(prompt="word " * 5000, max_new_tokens=4).json()
     assert body["status"] == "failed" and "exceeds this model's context of 4096 tokens" in body["error"], body
+    body = tiny_server.predict(prompt="", max_new_tokens=4).json()  # the web form's field left empty
+    assert body["status"] == "failed" and "the prompt is empty" in body["error"], body
     body = tiny_server.predict(prompt="Still there?", max_new_tokens=4).json()
     assert body["status"] == "succeeded", body
 

@@ -81,6 +81,11 @@ def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(servic
         with pytest.raises(InputError, match="Gemma's marker for where an image goes"):
             "".join(service.generate(loaded, prompt, picture, system_prompt, SamplingParams(max_new_tokens=4),
                                      GenerationStats()))
+    for blank in ["", " \n\t"]:  # the web form's empty field; the service's own check, as coglet's accepts it
+        with pytest.raises(InputError, match="the prompt is empty"):
+            "".join(service.generate(loaded, blank, None, "Be brief.", SamplingParams(max_new_tokens=4),
+                                     GenerationStats()))
+    assert "".join(service.generate(loaded, "", image, None, SamplingParams(max_new_tokens=4), GenerationStats()))
     assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4), GenerationStats()))
     with pytest.raises(InputError, match=r"sparsity_method 'wanda' with sparsity_ratio 0.0: .*ratio must be within"):
         service.get("wanda", 0.0, "int8_weight_only")  # the web form's ratio when the deployment prunes nothing
