@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=evaluate)
 
     for name, func, help_ in (("bench", benchmark, "speed and memory against plain transformers bf16"),
-                              ("bench-one", bench_one, argparse.SUPPRESS)):
+                              ("bench-one", bench_one, "one variant in this process, as JSON (bench runs one "
+                               "per variant in a fresh process)")):
         p = commands.add_parser(name, help=help_)
         p.add_argument("--model", default="gemma-3-270m")
         p.add_argument("--prompt-tokens", type=int, default=128)
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=33)
     p.set_defaults(func=profile)
 
-    p = commands.add_parser("setup-one", help=argparse.SUPPRESS)
+    p = commands.add_parser("setup-one", help="one variant's setup() timed in this process, as JSON (what "
+                            "bench --cold-boot runs per boot)")
     p.add_argument("--model", required=True)
     p.add_argument("--variant", required=True)
     p.add_argument("--cache-dir", required=True)

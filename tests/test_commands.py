@@ -54,6 +54,11 @@ def test_every_command_the_repo_shows_exists_with_its_options_and_variants(capsy
             assert option in usage, f"python -m gemma_opt {command}: no option {option}"
         for names in re.findall(r"--variants? ([\w,-]+)", rest):
             assert set(names.split(",")) <= set(VARIANTS), f"python -m gemma_opt {command}{rest}: unknown variant"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out  # Python 3.11 lists a command whose help is SUPPRESS as "==SUPPRESS=="
+    for command in {command for command, _ in shown}:
+        assert re.search(rf"^ +{command} +\w", listing, re.M), f"--help does not say what {command} does"
 
 
 def test_the_gpu_check_names_tests_that_exist():
