@@ -220,12 +220,12 @@ def main(argv: list[str] | None = None) -> None:
 
     p = commands.add_parser("predict", help="one prediction in-process (mirrors `cog predict`)")
     p.add_argument("-i", "--input", action="append", default=[], help="name=value, or name=@file")
-    p.add_argument("--model", dest="gemma_opt_model", help=MODEL_HELP)
+    p.add_argument("--model", dest="gemma_opt_model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--predictor", default="predict.py:Predictor")
     p.set_defaults(func=predict)
 
     p = commands.add_parser("serve", help="start the Cog HTTP server (python -m cog.server.http)")
-    p.add_argument("--model", dest="gemma_opt_model", help=MODEL_HELP)
+    p.add_argument("--model", dest="gemma_opt_model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--predictor", default="predict.py:Predictor")
