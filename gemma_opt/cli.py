@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SPARSITY_CHOICES, ConfigError
+from .config import QUANT_MODES, SPARSITY_CHOICES, ConfigError
 from .models import GENERATION_DEFAULTS, ModelNotFoundError
 
 GEMMA_REPO = "google/gemma-3-4b-it"
@@ -169,8 +169,9 @@ def bench_one(args) -> None:
 
 
 def profile(args) -> None:
-    from .bench import profile_decode
+    from .bench import check_variants, profile_decode
 
+    check_variants([args.variant])
     print(profile_decode(args.model, args.variant, args.prompt_tokens, args.new_tokens))
 
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default="magnitude,wanda,owl-wanda,gradual",
                    help=f"comma list of {', '.join(SPARSITY_CHOICES)}; 'none' = quantization only")
     p.add_argument("--ratios", default="0.1,0.3,0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
-    p.add_argument("--quantization", default="int8_weight_only")
+    p.add_argument("--quantization", default="int8_weight_only", choices=list(QUANT_MODES))
     p.add_argument("--text", help="evaluation text file (default: the one shipped, never used for calibration)")
     p.add_argument("--window", type=int, default=256, help="tokens per window, BOS first")
     p.add_argument("--json")

@@ -58,18 +58,26 @@ def evaluate(model: str, methods: list[str], ratios: list[str], quantization: st
 
     ``methods`` are SPARSITY_CHOICES (``wanda``, ``owl-wanda``...); ``ratios`` are fractions
     or N:M patterns (``"0.5"``, ``"2:4"``). Combinations the config refuses are skipped,
-    with the reason printed.
+    with the reason printed; an unknown method, a ratio that is neither, or nothing left to
+    measure is a ConfigError, before the model loads.
     """
     from tqdm import tqdm
 
     from .config import NEURON_METHODS, SPARSITY_CHOICES, ConfigError, PipelineConfig
     from .models import load_model
     from .pipeline import optimize
+    from .quantization import check_quantization
 
+    unknown = [method for method in methods if method not in SPARSITY_CHOICES]
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; choose from {list(SPARSITY_CHOICES)}")
     variants = []
     for method in methods:
         for ratio in [None] if method == "none" else ratios:
-            sparsity = {} if ratio is None else {"pattern": ratio} if ":" in ratio else {"ratio": float(ratio)}
+            try:
+                sparsity = {} if ratio is None else {"pattern": ratio} if ":" in ratio else {"ratio": float(ratio)}
+            except ValueError:
+                raise ConfigError(f"ratio {ratio!r} is neither a fraction (0.5) nor an N:M pattern (2:4)") from None
             prune = {**SPARSITY_CHOICES[method], **sparsity}
             prune["compact"] = prune["method"] in NEURON_METHODS  # the model measured is the narrower one
             try:
@@ -77,6 +85,9 @@ def evaluate(model: str, methods: list[str], ratios: list[str], quantization: st
                     "model": model, "prune": prune, "quant": {"mode": quantization}, "compile": {"mode": "none"}})))
             except ConfigError as e:
                 print(f"skipped {method} {ratio}: {e}")
+    if not variants:
+        raise ConfigError("nothing to evaluate: the config refuses every variant asked for (above)")
+    check_quantization(variants[0][1].quant, "cpu", torch.bfloat16)  # where load_model puts them
     dense = load_model(model)
     windows = eval_windows(dense.tokenizer, text or DEFAULT_EVAL_TEXT.read_text(), window)
     reference = log_probs(dense.model, windows)

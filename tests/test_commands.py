@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gemma_opt.bench import VARIANTS, error_line
 from gemma_opt.cli import GEMMA_REPO, GEMMA_REVISION, main
@@ -118,6 +119,22 @@ def test_eval_writes_json_records_and_a_plot(tmp_path):
     assert m30["sparsity"] == pytest.approx(0.3, abs=1e-3)
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert "| magnitude | 0.3 |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--methods", "foo,wanda"], "error: unknown methods ['foo']; choose from ['none', "),
+    (["eval", "--ratios", "0.5,half"], "error: ratio 'half' is neither a fraction"),
+    (["eval", "--methods", "wanda", "--ratios", "0.9"], "error: nothing to evaluate"),
+    pytest.param(["eval", "--quantization", "int4_weight_only"], "error: int4_weight_only is not supported",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="int4 runs on CUDA")),
+    (["profile", "--variant", "int8-head"], "unknown variants ['int8-head']; choose from ['hf-eager-bf16', "),
+], ids=["unknown-method", "bad-ratio", "every-variant-refused", "int4-on-cpu", "unknown-variant"])
+def test_eval_and_profile_refuse_what_they_cannot_run_in_one_line_before_the_model_loads(argv, message):
+    """These were tracebacks (KeyError, ValueError), or a run that measured the dense model
+    alone; ``/nope`` shows that nothing was loaded."""
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--model", "/nope"])
+    assert str(done.value.code).startswith(message), done.value.code
 
 
 def test_a_failed_variant_is_recorded_with_its_error_not_with_torch_s_advice_after_it():
