@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import QUANT_MODES, SPARSITY_CHOICES, ConfigError
@@ -15,6 +16,20 @@ from .models import GENERATION_DEFAULTS, ModelNotFoundError
 GEMMA_REPO = "google/gemma-3-4b-it"
 GEMMA_REVISION = "093f9f388b31de276ce2de164bdc2081324b9767"
 MODEL_HELP = "sets GEMMA_OPT_MODEL (preset, folder or .gguf)"
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number not below ``minimum`` (bench took 0 new tokens and
+    printed a decode rate of 0, and 0 repeats ended in a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def predict(args) -> None:
@@ -248,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratios", default="0.1,0.3,0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
     p.add_argument("--quantization", default="int8_weight_only", choices=list(QUANT_MODES))
     p.add_argument("--text", help="evaluation text file (default: the one shipped, never used for calibration)")
-    p.add_argument("--window", type=int, default=256, help="tokens per window, BOS first")
+    p.add_argument("--window", type=at_least(2), default=256, help="tokens per window, BOS first")
     p.add_argument("--json")
     p.add_argument("--plot", help="PNG file")
     p.set_defaults(func=evaluate)
@@ -258,12 +273,12 @@ def main(argv: list[str] | None = None) -> None:
                                "per variant in a fresh process)")):
         p = commands.add_parser(name, help=help_)
         p.add_argument("--model", default="gemma-3-270m")
-        p.add_argument("--prompt-tokens", type=int, default=128)
-        p.add_argument("--new-tokens", type=int, default=64)
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--profile", type=int, default=0, metavar="TOP", help="then profile each pipeline "
+        p.add_argument("--prompt-tokens", type=at_least(1), default=128)
+        p.add_argument("--new-tokens", type=at_least(2), default=64, help="a decode rate needs two or more")
+        p.add_argument("--repeats", type=at_least(1), default=3)
+        p.add_argument("--profile", type=at_least(0), default=0, metavar="TOP", help="then profile each pipeline "
                        "variant's decode step in the same process and list its TOP kernels (0: no profile)")
-        p.add_argument("--sample", nargs="?", type=int, const=GENERATION_DEFAULTS["top_k"], metavar="TOP_K",
+        p.add_argument("--sample", nargs="?", type=at_least(0), const=GENERATION_DEFAULTS["top_k"], metavar="TOP_K",
                        help="sample with the service's defaults (temperature, top-p, top-k; TOP_K, if "
                        "given, replaces top-k, 0: no limit) instead of greedy decoding, the baseline's generate() too")
         if name == "bench":
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--json")
             p.add_argument("--cold-boot", action="store_true", help="setup time per variant without and with "
                            "the cold-boot cache, each boot a fresh process")
-            p.add_argument("--paired", type=int, default=0, metavar="ROUNDS", help="the variants in one process, "
+            p.add_argument("--paired", type=at_least(0), default=0, metavar="ROUNDS", help="the variants in one process, "
                            "one greedy generation each per round, alternating, ROUNDS rounds: each one's speed against "
                            "the first variant's in the same round (resolves a few percent on a drifting machine)")
             p.add_argument("--served", action="store_true", help="decode speed in a plain process and through "
@@ -284,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     p = commands.add_parser("profile", help="where one variant's decode step spends its time (torch.profiler)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--variant", default="int8-head-compile")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=33)
+    p.add_argument("--prompt-tokens", type=at_least(1), default=128)
+    p.add_argument("--new-tokens", type=at_least(2), default=33)
     p.set_defaults(func=profile)
 
     p = commands.add_parser("setup-one", help="one variant's setup() timed in this process, as JSON (what "

@@ -137,6 +137,17 @@ def test_eval_and_profile_refuse_what_they_cannot_run_in_one_line_before_the_mod
     assert str(done.value.code).startswith(message), done.value.code
 
 
+def test_counts_that_give_no_measurement_are_refused_by_the_command_line(capsys):
+    """bench took 0 or 1 new tokens and printed a decode rate of 0; 0 repeats ended in a traceback."""
+    for argv, message in [(["bench", "--new-tokens", "1"], "--new-tokens: must be at least 2, got 1"),
+                          (["bench-one", "--variant", "int8-eager", "--repeats", "0"], "--repeats: must be at least 1"),
+                          (["eval", "--window", "1"], "--window: must be at least 2"),
+                          (["profile", "--new-tokens", "many"], "--new-tokens: not a whole number: 'many'")]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_a_failed_variant_is_recorded_with_its_error_not_with_torch_s_advice_after_it():
     # the end of the stderr of session 20's first H200 bench (a compile error, then dynamo's advice)
     stderr = ("    acc = tl.dot(p, v.to(tl.float32))\n          ^\n"
