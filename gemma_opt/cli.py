@@ -287,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--json")
             p.add_argument("--cold-boot", action="store_true", help="setup time per variant without and with "
                            "the cold-boot cache, each boot a fresh process")
-            p.add_argument("--paired", type=at_least(0), default=0, metavar="ROUNDS", help="the variants in one process, "
-                           "one greedy generation each per round, alternating, ROUNDS rounds: each one's speed against "
-                           "the first variant's in the same round (resolves a few percent on a drifting machine)")
+            p.add_argument("--paired", type=at_least(0), default=0, metavar="ROUNDS", help="the variants in one "
+                           "process, one greedy generation each per round, alternating, ROUNDS rounds: each one's "
+                           "speed against the first variant's in the same round (resolves a few percent on a "
+                           "drifting machine)")
             p.add_argument("--served", action="store_true", help="decode speed in a plain process and through "
                            "the real Cog server (its tokens_per_second metric), per variant")
         else:
