@@ -22,6 +22,7 @@ truncated copy, a flipped byte) is reported and the entry rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -37,7 +38,7 @@ from torch import nn
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torchao.quantization import Int8Tensor
 
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 from .models import LoadedModel, load_preprocessing, model_revision
 from .pipeline import Report, accelerate, compress, load, resolve_device
 from .pruning import PruneReport
@@ -78,10 +79,13 @@ def entry_folder(config: PipelineConfig, inputs: dict) -> Path:
     return Path(config.cache_dir) / key
 
 
-def load_and_optimize(config: PipelineConfig) -> tuple[LoadedModel, Report]:
+def load_and_optimize(config: PipelineConfig, *, must_save: bool = False) -> tuple[LoadedModel, Report]:
     """The deployment's model, optimized: from the cache when ``config.cache_dir`` holds a
     valid entry, else loaded, run through the pipeline and (with a ``cache_dir``) saved.
-    ``report.cache`` says which: 'off', 'hit' or 'miss: <reason>'."""
+    ``report.cache`` says which: 'off', 'hit' or 'miss: <reason>', plus '; not saved: <why>'
+    when the disk refused the entry (full, read-only): the model still serves, and the next
+    boot builds again. With ``must_save`` (``prebuild``, whose whole job is the entry) that
+    is a ``ConfigError`` instead."""
     if config.cache_dir is None:
         return _build(config, None, None)
     device = resolve_device(config.device)
@@ -91,38 +95,76 @@ def load_and_optimize(config: PipelineConfig) -> tuple[LoadedModel, Report]:
     # code, but on a CPU its C++ kernels would be compiled again on every fresh machine.
     # The key names the exact CPU or GPU, so these binaries only meet the hardware they
     # were built for.
-    with temporary_cache_dir(str(folder / INDUCTOR_DIR)):
-        try:
+    try:
+        with temporary_cache_dir(str(folder / INDUCTOR_DIR)):
             loaded, report = _load_entry(folder, inputs, device)
-        except CacheMiss as e:
-            print(f"cold-boot cache {folder}: {e}; building it", file=sys.stderr)
-            loaded, report = _build(config, folder, inputs)
-            report.cache = f"miss: {e}"
-            return loaded, report
-        return loaded, accelerate(loaded, config, report)
+            return loaded, accelerate(loaded, config, report)
+    except CacheMiss as e:
+        miss = str(e)
+    print(f"cold-boot cache {folder}: {miss}; building it", file=sys.stderr)
+    saver = _EntrySaver(folder, must_save)
+    saver.run(_empty_folder, folder)  # before the model loads: a cache_dir that cannot be written is known at once
+    with temporary_cache_dir(str(folder / INDUCTOR_DIR)) if saver.ok else contextlib.nullcontext():
+        loaded, report = _build(config, saver, inputs)
+    report.cache = f"miss: {miss}" + (f"; not saved: {saver.error}" if saver.error else "")
+    return loaded, report
 
 
-def _build(config: PipelineConfig, folder: Path | None, inputs: dict | None) -> tuple[LoadedModel, Report]:
+def _empty_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+class _EntrySaver:
+    """Writes a cache entry, step by step; the first write the disk refuses (full, read-only,
+    not a folder) deletes the partial entry, says so, and skips the remaining writes."""
+
+    def __init__(self, folder: Path, must_save: bool):
+        self.folder, self.must_save, self.error = folder, must_save, None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def run(self, write, *args) -> None:
+        if not self.ok:
+            return
+        try:
+            write(*args)
+        except Exception as e:  # noqa: BLE001 -- each writer reports a refused write its own way: OSError (Python),
+            # RuntimeError (torch.save: 'unexpected pos'), Exception (tokenizers' Rust: 'No space left on device')
+            there = next(p for p in [self.folder, *self.folder.parents] if p.is_dir())
+            self.error = f"{type(e).__name__}: {e} ({shutil.disk_usage(there).free / 1e9:.1f} GB free there)"
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.must_save:
+                raise ConfigError(f"cannot write the cold-boot cache entry {self.folder}: {self.error}") from None
+            print(f"cold-boot cache {self.folder}: not saved ({self.error}); this boot serves without it, "
+                  "the next one builds it again", file=sys.stderr)
+
+
+def _build(config: PipelineConfig, saver: _EntrySaver | None, inputs: dict | None) -> tuple[LoadedModel, Report]:
     t = time.perf_counter()
     loaded = load(config)
     load_s = time.perf_counter() - t
     report = compress(loaded, config)
     report.stage_seconds = {"load": load_s, **report.stage_seconds}
-    if folder is not None:
+    if saver is not None:
         t = time.perf_counter()
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        save_model(folder, loaded)
+        saver.run(save_model, saver.folder, loaded)
         report.stage_seconds["save"] = time.perf_counter() - t
     accelerate(loaded, config, report)
-    if folder is not None:
+    if saver is not None:
         t = time.perf_counter()
-        artifacts = torch.compiler.save_cache_artifacts()
-        if artifacts is not None:
-            (folder / COMPILE_FILE).write_bytes(artifacts[0])
-        _write_manifest(folder, inputs, report)
+        saver.run(_save_compiled, saver.folder, inputs, report)
         report.stage_seconds["save"] += time.perf_counter() - t
     return loaded, report
+
+
+def _save_compiled(folder: Path, inputs: dict, report: Report) -> None:
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is not None:
+        (folder / COMPILE_FILE).write_bytes(artifacts[0])
+    _write_manifest(folder, inputs, report)
 
 
 def _load_entry(folder: Path, inputs: dict, device: str) -> tuple[LoadedModel, Report]:

@@ -226,7 +226,7 @@ def prebuild(args) -> None:
 
     config = PipelineConfig.load()
     config = config.replace(cache_dir=args.cache_dir or str(config.cache_dir or "weights/cache"))
-    _, report = load_and_optimize(config)
+    _, report = load_and_optimize(config, must_save=True)
     print(report.summary())
 
 

@@ -1,8 +1,12 @@
 import os
+import resource
+import signal
 
+import pytest
 import torch
 
 from gemma_opt import models
+from gemma_opt.cli import main
 from gemma_opt.cache import COMPILE_FILE, MANIFEST, MODEL_FILE, load_and_optimize
 from gemma_opt.config import PipelineConfig
 from gemma_opt.generation import SamplingParams, generate_text
@@ -85,3 +89,35 @@ def test_a_variant_after_a_cached_boot_loads_the_pristine_weights_without_a_seco
     assert [loader.cache_info().misses for loader in loaders] == loads
     assert variant.tokenizer is service.default[0].tokenizer and variant.processor is service.default[0].processor
     assert generate_text(variant, "Hello", params=GREEDY)
+
+
+def test_a_disk_that_refuses_the_entry_costs_the_next_boot_not_this_one(tmp_path, monkeypatch):
+    """A full or read-only disk under the cache: the built model serves, the partial entry is
+    deleted (left, it would keep the disk full), the summary says why. ``prebuild``, whose whole
+    job is the entry, fails instead, in one line, and before the model loads when it can."""
+    config = PipelineConfig.validated({"model": "tiny-random", "cache_dir": str(tmp_path / "cache"),
+                                       "compile": {"mode": "none"}})
+    expected = generate_text(load_and_optimize(config.replace(cache_dir=None))[0], "Hello", params=GREEDY)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))  # model.pt is 18 MB
+    try:
+        loaded, report = load_and_optimize(config)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, on_limit)
+    assert report.cache.startswith("miss: no entry; not saved: RuntimeError: ") and "GB free there)" in report.cache
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert generate_text(loaded, "Hello", params=GREEDY) == expected
+    assert load_and_optimize(config)[1].cache == "miss: no entry"  # the next boot saves it
+
+    blocked = tmp_path / "a-file" / "cache"  # e.g. a path that cannot be a folder
+    blocked.parent.touch()
+    loaded, report = load_and_optimize(config.replace(cache_dir=str(blocked)))
+    assert report.cache.startswith("miss: no entry; not saved: NotADirectoryError: ")
+    assert generate_text(loaded, "Hello", params=GREEDY) == expected
+
+    monkeypatch.setenv("GEMMA_OPT_MODEL", "/nope")  # nothing to load: the error comes first
+    with pytest.raises(SystemExit, match=r"^error: cannot write the cold-boot cache entry .*a-file/cache/\w+: "
+                                         r"NotADirectoryError: \[Errno 20\] Not a directory"):
+        main(["prebuild", "--cache-dir", str(blocked)])
