@@ -131,7 +131,7 @@ class _EntrySaver:
             return
         try:
             write(*args)
-        except Exception as e:  # noqa: BLE001 -- each writer reports a refused write its own way: OSError (Python),
+        except Exception as e:  # noqa: BLE001 - each writer reports a refused write its own way: OSError (Python),
             # RuntimeError (torch.save: 'unexpected pos'), Exception (tokenizers' Rust: 'No space left on device')
             there = next(p for p in [self.folder, *self.folder.parents] if p.is_dir())
             self.error = f"{type(e).__name__}: {e} ({shutil.disk_usage(there).free / 1e9:.1f} GB free there)"
