@@ -62,7 +62,7 @@ def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: st
             if marker in prompt or marker in (system_prompt or ""):
                 raise InputError(f"the prompt contains {marker}, Gemma's marker for where an image goes; "
                                  "send the picture as the `image` input and leave the marker out")
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
     messages.append({"role": "user", "content": ([{"type": "image"}] if image is not None else [])
                      + [{"type": "text", "text": prompt}]})
     if loaded.processor is not None:

@@ -167,6 +167,15 @@ def test_streamed_pieces_join_to_the_tokenizer_s_decode_of_generate_s_tokens():
     assert len(pieces) > 10 and not any("\ufffd" in piece for piece in pieces)
 
 
+def test_a_blank_system_prompt_is_no_system_prompt(tiny):
+    """The web form's field with a stray space or newline: Gemma's template would put it, and a blank line,
+    before the question."""
+    alone = build_inputs(tiny, "Hi")["input_ids"]
+    assert all(torch.equal(build_inputs(tiny, "Hi", system_prompt=blank)["input_ids"], alone) for blank in [" ", "\n\t"])
+    told = build_inputs(tiny, "Hi", system_prompt="Be brief.")["input_ids"]
+    assert "Be brief.\n\nHi" in tiny.tokenizer.decode(told[0])
+
+
 @NEEDS_AVX512
 def test_the_int8_gemv_kernel_decodes_as_torchao_int8_does_eagerly():
     tiny = load_model("tiny-random", dtype=torch.float32)  # fp32: no bf16 rounding differences
