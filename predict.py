@@ -49,10 +49,10 @@ class Predictor(BaseRunner):
     ) -> ConcatenateIterator[str]:
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         print(f"seed: {seed}")
+        picture = open_image(image, self.service.image_size) if image else None  # a bad file: before any variant build
         loaded, report = self.service.get(sparsity_method, sparsity_ratio, quantization)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
         stats = GenerationStats()
-        picture = open_image(image, self.service.image_size) if image else None
         yield from self.service.generate(loaded, prompt, picture, system_prompt or None, params, stats)
         self.record_metric("input_token_count", stats.input_tokens)
         self.record_metric("output_token_count", stats.output_tokens)

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import os
 import queue
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -159,6 +160,7 @@ class Service:
         base = self.default[0]
         loaded = dataclasses.replace(base, model=copy.deepcopy(self.pristine).to(self.device))
         self.variants[key] = (loaded, optimize(loaded, config))
+        print(f"variant built for a request: {self.variants[key][1].summary()}", file=sys.stderr, flush=True)
         return self.variants[key]
 
     @staticmethod

@@ -91,6 +91,17 @@ def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_load
         "error: unknown variable GEMMA_OPT_PRUNE_RATO (did you mean GEMMA_OPT_PRUNE_RATIO?)"), run.stderr[-2000:]
 
 
+def test_an_unreadable_image_fails_before_the_variant_it_asks_for_is_built(tmp_path):
+    """A variant's build (pruning, quantization, compile) takes minutes on the 4B: a bad file fails first."""
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg")
+    run = local_predict(f"image=@{tmp_path}/corrupt.jpg", "sparsity_method=magnitude", "sparsity_ratio=0.3")
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
+        "error: image: not a readable image file"), run.stderr[-2000:]
+    assert "variant built" not in run.stderr
+    run = local_predict("sparsity_method=magnitude", "sparsity_ratio=0.3")
+    assert run.returncode == 0 and "variant built for a request: tiny-random: " in run.stderr, run.stderr[-2000:]
+
+
 def test_local_predict_takes_a_model_and_reports_a_failed_setup_in_one_line(tmp_path):
     """``--model`` as ``serve`` takes it; weights not there, or a pipeline this machine cannot
     run, fail setup in one line, as a bad input does."""
