@@ -49,7 +49,8 @@ class Predictor(BaseRunner):
     ) -> ConcatenateIterator[str]:
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         print(f"seed: {seed}")
-        picture = open_image(image, self.service.image_size) if image else None  # a bad file: before any variant build
+        picture = open_image(image, self.service.image_size) if image else None
+        self.service.check(prompt, picture, system_prompt)  # a bad file or prompt fails before any variant build
         loaded, report = self.service.get(sparsity_method, sparsity_ratio, quantization)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
         stats = GenerationStats()

@@ -49,10 +49,9 @@ class GenerationStats:
                 self.decode_tokens_per_s = (len(token_times) - 1) / (token_times[-1] - token_times[0])
 
 
-def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: str | None = None,
-                 max_new_tokens: int = 0) -> dict:
-    """Chat-formatted model inputs. Gemma 3 has no system role: its template merges the
-    system prompt into the first user turn, and so does ours."""
+def check_request(loaded: LoadedModel, prompt: str, image=None, system_prompt: str | None = None) -> None:
+    """What makes a request unanswerable, found without tokenizing it (the service checks it
+    before building a variant the request asks for)."""
     if not prompt.strip() and image is None:  # nothing asked: the model would ramble for max_new_tokens
         raise InputError("the prompt is empty; write one, or send an image (with an image, it may be empty)")
     if image is not None and not loaded.has_vision:
@@ -62,6 +61,13 @@ def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: st
             if marker in prompt or marker in (system_prompt or ""):
                 raise InputError(f"the prompt contains {marker}, Gemma's marker for where an image goes; "
                                  "send the picture as the `image` input and leave the marker out")
+
+
+def build_inputs(loaded: LoadedModel, prompt: str, image=None, system_prompt: str | None = None,
+                 max_new_tokens: int = 0) -> dict:
+    """Chat-formatted model inputs. Gemma 3 has no system role: its template merges the
+    system prompt into the first user turn, and so does ours."""
+    check_request(loaded, prompt, image, system_prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
     messages.append({"role": "user", "content": ([{"type": "image"}] if image is not None else [])
                      + [{"type": "text", "text": prompt}]})

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from pillow_heif import register_heif_opener
 
 from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, ConfigError, PipelineConfig
-from .generation import GenerationStats, InputError, SamplingParams, build_inputs, stream
+from .generation import GenerationStats, InputError, SamplingParams, build_inputs, check_request, stream
 from .models import LoadedModel
 from .cache import load_and_optimize
 from .pipeline import Report, load, optimize, resolve_device
@@ -129,6 +129,11 @@ class Service:
         semi_structured = (self.config.quant.semi_structured and prune.get("pattern", self.config.prune.pattern) == "2:4"
                            and quantization in SEMI_STRUCTURED_MODES)
         return self.config.replace(prune=prune, quant={"mode": quantization, "semi_structured": semi_structured})
+
+    def check(self, prompt: str, image: Image.Image | None, system_prompt: str | None) -> None:
+        """An InputError for a request that cannot be answered (``check_request``), before ``get``
+        spends minutes on the variant it asks for (every variant shares the default's processor)."""
+        check_request(self.default[0], prompt, image, system_prompt)
 
     def get(self, sparsity: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
         """The variant for these choices: cached, or built (on the model thread) from the pristine weights."""

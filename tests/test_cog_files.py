@@ -91,13 +91,15 @@ def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_load
         "error: unknown variable GEMMA_OPT_PRUNE_RATO (did you mean GEMMA_OPT_PRUNE_RATIO?)"), run.stderr[-2000:]
 
 
-def test_an_unreadable_image_fails_before_the_variant_it_asks_for_is_built(tmp_path):
-    """A variant's build (pruning, quantization, compile) takes minutes on the 4B: a bad file fails first."""
+def test_a_request_that_cannot_be_answered_fails_before_the_variant_it_asks_for_is_built(tmp_path):
+    """A variant's build (pruning, quantization, compile) takes minutes on the 4B: a bad file or
+    an empty prompt fails first."""
     (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg")
-    run = local_predict(f"image=@{tmp_path}/corrupt.jpg", "sparsity_method=magnitude", "sparsity_ratio=0.3")
-    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
-        "error: image: not a readable image file"), run.stderr[-2000:]
-    assert "variant built" not in run.stderr
+    for item, message in [(f"image=@{tmp_path}/corrupt.jpg", "error: image: not a readable image file"),
+                          ("prompt= ", "error: the prompt is empty")]:
+        run = local_predict(item, "sparsity_method=magnitude", "sparsity_ratio=0.3")
+        assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]
+        assert "variant built" not in run.stderr
     run = local_predict("sparsity_method=magnitude", "sparsity_ratio=0.3")
     assert run.returncode == 0 and "variant built for a request: tiny-random: " in run.stderr, run.stderr[-2000:]
 
