@@ -87,8 +87,10 @@ def test_streaming_yields_ordered_output_events(tiny_server):
                                 headers={"Accept": "text/event-stream"}, timeout=120, stream=True)
     assert response.status_code == 200, response.text
     events = []
-    for block in response.text.split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+    # SSE is UTF-8, its lines end at a line feed: requests guesses ISO-8859-1 for text/*, and
+    # splitlines() also breaks at U+0085 and U+2028, which a random model's tokens contain
+    for block in response.content.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
         if "event" in lines:
             events.append((lines["event"], json.loads(lines["data"])))
     kinds = [kind for kind, _ in events]
