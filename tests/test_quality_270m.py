@@ -8,7 +8,6 @@ from functools import cache
 import pytest
 import torch
 
-from gemma_opt import pruning
 from gemma_opt.config import SPARSITY_CHOICES, PipelineConfig
 from gemma_opt.evaluation import perplexity
 from gemma_opt.generation import SamplingParams, generate_text
@@ -102,22 +101,14 @@ def test_wanda_beats_magnitude_at_2_4(table):
     assert rows[("wanda", "2:4", INT8)] < rows[("magnitude", "2:4", INT8)]
 
 
-def test_owl_keeps_more_where_the_outliers_are_and_costs_nothing_against_uniform_wanda_at_70_percent(table, monkeypatch):
-    """OWL's gain over uniform ratios at 70% depends on the CPU (the bf16 calibration's numerics):
-    411 vs 450 on an AMD EPYC VM, 449 vs 443 on an Intel Xeon one. What held on the Intel one
-    (not measured on the AMD one) is the direction: the mirrored allocation (more pruning where
-    the outliers are) is worse (470)."""
+def test_owl_costs_nothing_against_uniform_wanda_at_70_percent(table):
+    """OWL's effect at 70% depends on the CPU (the bf16 calibration's numerics), in either direction:
+    411 vs uniform 450 on an AMD EPYC VM with AVX-512, 449 vs 443 on an Intel Xeon, 442 vs 451 on an
+    AMD EPYC without it; even the mirrored allocation (more pruning where the outliers are) was worse
+    on the Xeon (470) and better without AVX-512 (423). What held on all three: within 5% of uniform.
+    That OWL's ratios follow the outliers is tested on the allocation itself (tests/test_pruning.py)."""
     rows, _ = table
-    owl = rows[("owl-wanda", 0.7, INT8)]
-    assert owl < 1.05 * rows[("wanda", 0.7, INT8)]
-    allocate = pruning.owl_allocation
-    mirrored = lambda shares, target, lam: {k: 2 * target - r for k, r in allocate(shares, target, lam).items()}
-    monkeypatch.setattr(pruning, "owl_allocation", mirrored)
-    loaded, _, report = pruned("owl-wanda", 0.7, INT8)
-    assert report.prune.overall == pytest.approx(0.7, abs=0.01)
-    worse = perplexity(loaded.model, loaded.tokenizer)
-    print(f"owl-wanda 0.7: {owl:.2f}, mirrored: {worse:.2f}, uniform wanda: {rows[('wanda', 0.7, INT8)]:.2f}")
-    assert owl < worse
+    assert rows[("owl-wanda", 0.7, INT8)] < 1.05 * rows[("wanda", 0.7, INT8)]
 
 
 def test_quality_degrades_with_sparsity(table):
