@@ -54,7 +54,7 @@ class Predictor(BaseRunner):
         loaded, report = self.service.get(sparsity_method, sparsity_ratio, quantization)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
         stats = GenerationStats()
-        yield from self.service.generate(loaded, prompt, picture, system_prompt or None, params, stats)
+        yield from self.service.generate(loaded, prompt, picture, system_prompt, params, stats)
         self.record_metric("input_token_count", stats.input_tokens)
         self.record_metric("output_token_count", stats.output_tokens)
         self.record_metric("time_to_first_token", stats.ttft_s)

@@ -164,8 +164,9 @@ class Service:
                 torch.cuda.empty_cache()
         base = self.default[0]
         loaded = dataclasses.replace(base, model=copy.deepcopy(self.pristine).to(self.device))
-        self.variants[key] = (loaded, optimize(loaded, config))
-        print(f"variant built for a request: {self.variants[key][1].summary()}", file=sys.stderr, flush=True)
+        report = optimize(loaded, config)
+        print(f"variant built for a request: {report.summary()}", file=sys.stderr, flush=True)
+        self.variants[key] = (loaded, report)
         return self.variants[key]
 
     @staticmethod

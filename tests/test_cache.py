@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gemma_opt import models
-from gemma_opt.cli import main
 from gemma_opt.cache import COMPILE_FILE, MANIFEST, MODEL_FILE, load_and_optimize
+from gemma_opt.cli import main
 from gemma_opt.config import PipelineConfig
 from gemma_opt.generation import SamplingParams, generate_text
 from gemma_opt.models import IMAGE_ID, gemma_processor, load_preprocessing
