@@ -196,7 +196,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
         return []
     # One query against the cache: PyTorch's CPU flash-attention kernel took ~1 ms a layer
     # (measured on the 270M, 40% of a step); plain matmul-softmax attention fuses into the
-    # compiled graph instead, and a decoded token's runs on our kernel (CPUs with AVX-512,
+    # compiled graph instead, and a decoded token's runs on our kernel (CPUs with AVX-512 or AVX2,
     # CUDA with Triton). A prompt's stays on PyTorch's fused attention (grouped_attention).
     on_cpu = model.device.type == "cpu"
     attention = ATTENTION
@@ -218,7 +218,7 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
     compiled = ["decode step"]
     if attention == DECODE_ATTENTION:
         compiled.append(f"decode-attention kernel ({model.device.type})")
-    if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512, CUDA with Triton
+    if config.int8_gemv and (swapped := use_int8_gemv(model)):  # CPUs with AVX-512 or AVX2, CUDA with Triton
         compiled.append(f"INT8 GEMV kernel ({swapped} linears)")
         if config.fuse_projections and (fused := fuse_projections(model)):
             compiled.append(f"fused q/k/v and gate/up projections ({fused} modules)")

@@ -144,11 +144,11 @@ class CompileConfig(_Section):
                            "multiples of this, not all cache_len (on CPU; GPUs read all: one static shape)")
     warmup: bool = Field(True, description="run generations at setup so no request pays for compilation")
     int8_gemv: bool = Field(True, description="the decode step's INT8 linears run on gemma_opt's GEMV kernels "
-                            "(int8_gemv.py; CPUs with AVX-512, CUDA GPUs with Triton) instead of torchao's path")
+                            "(int8_gemv.py; CPUs with AVX-512 or AVX2, CUDA GPUs with Triton) instead of torchao's path")
     fuse_projections: bool = Field(True, description="with int8_gemv, a layer's q, k and v projections as one INT8 "
                                    "matrix, and its gate and up projections as another: one kernel call for each")
     decode_attention: bool = Field(True, description="a decoded token's attention runs on gemma_opt's kernels "
-                                   "(decode_attention.cpp on CPUs with AVX-512, decode_attention_cuda.py on CUDA "
+                                   "(decode_attention.cpp on CPUs with AVX-512 or AVX2, decode_attention_cuda.py on CUDA "
                                    "GPUs with Triton) instead of two bmm calls a layer")
 
 

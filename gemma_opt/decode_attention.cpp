@@ -1,4 +1,5 @@
-// gemma_opt::decode_attention: one query token's attention over a KV cache, with AVX-512.
+// gemma_opt::decode_attention: one query token's attention over a KV cache, with AVX-512 or
+// AVX2 (simd.h).
 // Built with int8_gemv.cpp (see int8_gemv.py); used by compilation.py for a decoded token.
 //
 // Flash-decoding: the positions are cut into chunks of CHUNK, and each (batch, KV head, chunk)
@@ -13,11 +14,11 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
-#include "avx512.h"
+#include "simd.h"
 
 namespace {
 
-using gemma_opt::load16;
+using namespace gemma_opt;
 
 constexpr int64_t CHUNK = 64;  // positions per work item: a 256-position bucket is 4 items a KV head
 constexpr int64_t HEADS = 4;   // query heads handled together: each K and V row is loaded once for them
@@ -49,17 +50,17 @@ void scores(const scalar_t* k, int64_t k_stride, int64_t n, const float* q, int6
   for (int64_t i = 0; i < n; ++i) {
     prefetch(k + (i + AHEAD) * k_stride, D * sizeof(scalar_t));
     prefetch(v + i * v_stride, D * sizeof(scalar_t));
-    __m512 acc[NH][2];
-    for (int j = 0; j < NH; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    Vec16 acc[NH][2];
+    for (int j = 0; j < NH; ++j) acc[j][0] = acc[j][1] = zero16();
     for (int64_t d = 0; d < D; d += 32) {
-      const __m512 k0 = load16(k + i * k_stride + d), k1 = load16(k + i * k_stride + d + 16);
+      const Vec16 k0 = load16(k + i * k_stride + d), k1 = load16(k + i * k_stride + d + 16);
       for (int j = 0; j < NH; ++j) {
-        acc[j][0] = _mm512_fmadd_ps(k0, _mm512_loadu_ps(q + j * D + d), acc[j][0]);
-        acc[j][1] = _mm512_fmadd_ps(k1, _mm512_loadu_ps(q + j * D + d + 16), acc[j][1]);
+        acc[j][0] = fmadd(k0, load16(q + j * D + d), acc[j][0]);
+        acc[j][1] = fmadd(k1, load16(q + j * D + d + 16), acc[j][1]);
       }
     }
     for (int j = 0; j < NH; ++j)
-      s[j * CHUNK + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1])) + (mask ? static_cast<float>(mask[i]) : 0.f);
+      s[j * CHUNK + i] = reduce_add(acc[j][0] + acc[j][1]) + (mask ? static_cast<float>(mask[i]) : 0.f);
   }
 }
 
@@ -68,19 +69,19 @@ void scores(const scalar_t* k, int64_t k_stride, int64_t n, const float* q, int6
 template <int NH, typename scalar_t>
 void weighted_values(const scalar_t* v, int64_t v_stride, int64_t n, const float* p, int64_t D, float* out, int64_t out_stride) {
   for (int64_t d = 0; d < D; d += 32) {
-    __m512 acc[NH][2][2];
-    for (int j = 0; j < NH; ++j) acc[j][0][0] = acc[j][0][1] = acc[j][1][0] = acc[j][1][1] = _mm512_setzero_ps();
+    Vec16 acc[NH][2][2];
+    for (int j = 0; j < NH; ++j) acc[j][0][0] = acc[j][0][1] = acc[j][1][0] = acc[j][1][1] = zero16();
     for (int64_t i = 0; i < n; ++i) {
-      const __m512 v0 = load16(v + i * v_stride + d), v1 = load16(v + i * v_stride + d + 16);
+      const Vec16 v0 = load16(v + i * v_stride + d), v1 = load16(v + i * v_stride + d + 16);
       for (int j = 0; j < NH; ++j) {
-        const __m512 w = _mm512_set1_ps(p[j * CHUNK + i]);
-        acc[j][i & 1][0] = _mm512_fmadd_ps(w, v0, acc[j][i & 1][0]);
-        acc[j][i & 1][1] = _mm512_fmadd_ps(w, v1, acc[j][i & 1][1]);
+        const Vec16 w = broadcast16(p[j * CHUNK + i]);
+        acc[j][i & 1][0] = fmadd(w, v0, acc[j][i & 1][0]);
+        acc[j][i & 1][1] = fmadd(w, v1, acc[j][i & 1][1]);
       }
     }
     for (int j = 0; j < NH; ++j) {
-      _mm512_storeu_ps(out + j * out_stride + d, _mm512_add_ps(acc[j][0][0], acc[j][1][0]));
-      _mm512_storeu_ps(out + j * out_stride + d + 16, _mm512_add_ps(acc[j][0][1], acc[j][1][1]));
+      store16(out + j * out_stride + d, acc[j][0][0] + acc[j][1][0]);
+      store16(out + j * out_stride + d + 16, acc[j][0][1] + acc[j][1][1]);
     }
   }
 }

@@ -1,12 +1,12 @@
 // gemma_opt::int8_gemv: y = x @ (w * scale)ᵀ for INT8 weight-only linears, one row of x at a time,
-// with AVX-512. Built and explained by int8_gemv.py.
+// with AVX-512 or AVX2 (simd.h). Built and explained by int8_gemv.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include "avx512.h"
+#include "simd.h"
 
 namespace {
 
-using gemma_opt::load16;
+using namespace gemma_opt;
 
 constexpr int64_t ROWS = 4;  // weight rows per step: four streams share each load of x
 // Bytes ahead of the read position that each row prefetches into L2. Without it the hardware
@@ -17,22 +17,20 @@ constexpr int64_t PREFETCH_BYTES = 32768;
 // Dot products of `rows` weight rows (int8, K apart) with x, times their scales.
 template <int64_t rows, typename scalar_t>
 inline void dot_rows(const scalar_t* x, const int8_t* w, int64_t K, const float* scale, scalar_t* y) {
-  __m512 acc[rows][2];
-  for (int64_t r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  Vec16 acc[rows][2];
+  for (int64_t r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = zero16();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    const __m512 x0 = load16(x + k), x1 = load16(x + k + 16);
+    const Vec16 x0 = load16(x + k), x1 = load16(x + k + 16);
     for (int64_t r = 0; r < rows; ++r) {
       const int8_t* row = w + r * K + k;
       _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_BYTES), _MM_HINT_T1);
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)row)));
-      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + 16))));
-      acc[r][0] = _mm512_fmadd_ps(w0, x0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w1, x1, acc[r][1]);
+      acc[r][0] = fmadd(load16(row), x0, acc[r][0]);
+      acc[r][1] = fmadd(load16(row + 16), x1, acc[r][1]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    float sum = reduce_add(acc[r][0] + acc[r][1]);
     for (int64_t j = k; j < K; ++j) sum += static_cast<float>(x[j]) * w[r * K + j];
     y[r] = static_cast<scalar_t>(sum * scale[r]);
   }

@@ -1,4 +1,4 @@
-"""The decode step's INT8 linears on our own GEMV kernels: AVX-512 C++ on CPU
+"""The decode step's INT8 linears on our own GEMV kernels: C++ with AVX-512 or AVX2 on CPU
 (``int8_gemv.cpp``), Triton on CUDA (``int8_gemv_cuda.py``).
 
 Decoding one token multiplies one vector by every weight matrix, so a step costs the time
@@ -39,15 +39,25 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 # Modules whose forward reads its input only through these projections (and the input's
 # shape), as transformers 5.23 writes them: the input can be their fused output instead.
 FUSABLE = {Gemma3Attention: ("q_proj", "k_proj", "v_proj"), Gemma3MLP: ("gate_proj", "up_proj")}
+# The compiler flags of our CPU kernels' builds (simd.h), by torch's name for a CPU's capability.
+CPU_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 
 
 @cache  # asked once per linear when swapping: the CPU capability and Triton lookups once
 def supported(device: torch.device | str) -> bool:
-    """Our kernels run on CPUs with AVX-512 and on CUDA GPUs with Triton (elsewhere torchao's path stays)."""
+    """Our kernels run on CPUs with AVX-512 or AVX2 and on CUDA GPUs with Triton (elsewhere torchao's path stays)."""
     kind = torch.device(device).type
     if kind == "cpu":
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return cpu_isa() is not None
     return kind == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def cpu_isa() -> str | None:
+    """The ISA our CPU kernels are built for: torch's capability for this CPU, the highest
+    we have a build for (``ATEN_CPU_CAPABILITY=avx2`` lowers it, as it lowers ATen's and
+    inductor's kernels: how the tests run the AVX2 build on a CPU with AVX-512)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return next((isa for isa in CPU_ISA_FLAGS if capability.startswith(isa)), None)
 
 
 @cache
@@ -70,17 +80,18 @@ def kernel(device_type: str):
 
 @cache
 def cpu_ops():
-    """Our CPU ops, built (first time) as one extension and registered: ``gemma_opt::int8_gemv``
-    and ``gemma_opt::decode_attention`` (decode_attention.cpp, used by compilation.py)."""
+    """Our CPU ops, built (first time) for ``cpu_isa()`` as one extension and registered:
+    ``gemma_opt::int8_gemv`` and ``gemma_opt::decode_attention`` (decode_attention.cpp, used by
+    compilation.py)."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # the pinned `ninja` wheel puts its binary beside the package
         import ninja
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ['PATH']}"
-    load(name="gemma_opt_cpu_kernels", sources=[str(SOURCE), str(SOURCE.with_name("decode_attention.cpp"))],
-         is_python_module=False, extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"],
-         extra_ldflags=["-fopenmp"])
+    isa = cpu_isa()
+    load(name=f"gemma_opt_cpu_kernels_{isa.lower()}", sources=[str(SOURCE), str(SOURCE.with_name("decode_attention.cpp"))],
+         is_python_module=False, extra_cflags=["-O3", *CPU_ISA_FLAGS[isa], "-fopenmp"], extra_ldflags=["-fopenmp"])
 
     @torch.library.register_fake("gemma_opt::int8_gemv")
     def _(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:

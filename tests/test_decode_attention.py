@@ -7,7 +7,7 @@ from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 from gemma_opt.compilation import decode_attention
 from gemma_opt.int8_gemv import cpu_ops, supported
 
-pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the decode-attention kernel needs a CPU with AVX-512")
+pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the decode-attention kernel needs a CPU with AVX-512 or AVX2")
 
 
 def reference(query, key, value, mask, scale):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -6,7 +8,7 @@ from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 from gemma_opt.int8_gemv import Int8GemvLinear, int8_gemv, kernel, supported, use_int8_gemv
 from gemma_opt.quantization import weight_bytes
 
-pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the INT8 GEMV kernel needs a CPU with AVX-512")
+pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the INT8 GEMV kernel needs a CPU with AVX-512 or AVX2")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -20,6 +22,15 @@ def test_int8_gemv_equals_the_dequantized_matmul_rounded_once(dtype, rows, cols)
         out = int8_gemv(x, weight, scale)
         assert out.shape == expected.shape and out.dtype == dtype
         torch.testing.assert_close(out, expected.to(dtype), rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-4)
+
+
+def test_the_cpu_kernels_are_built_for_the_isa_torch_reports():
+    """`make test` runs this file a second time with ATEN_CPU_CAPABILITY=avx2: there the AVX2
+    build must be the one loaded, on a CPU with AVX-512 too."""
+    kernel("cpu")
+    isa = "avx512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "avx2"
+    built = [Path(library).name for library in torch.ops.loaded_libraries if "gemma_opt_cpu_kernels" in library]
+    assert built == [f"gemma_opt_cpu_kernels_{isa}.so"]
 
 
 def test_int8_gemv_checks_its_inputs_and_has_a_fake_for_the_compiler():

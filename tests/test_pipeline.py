@@ -19,7 +19,7 @@ from gemma_opt.pipeline import optimize
 from gemma_opt.pruning import prune
 from gemma_opt.quantization import expected_int8_bytes, quantize, weight_bytes
 
-NEEDS_AVX512 = pytest.mark.skipif(not int8_gemv_supported("cpu"), reason="the INT8 GEMV kernel needs AVX-512")
+NEEDS_CPU_KERNELS = pytest.mark.skipif(not int8_gemv_supported("cpu"), reason="the INT8 GEMV kernel needs AVX-512 or AVX2")
 ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -100,7 +100,7 @@ def test_int8_head_is_one_shared_table_and_keeps_the_logits(tiny):
     # the INT8 head is in test_quality_270m.py.
 
 
-@pytest.mark.parametrize("int8_gemv", [pytest.param(True, marks=NEEDS_AVX512), False])
+@pytest.mark.parametrize("int8_gemv", [pytest.param(True, marks=NEEDS_CPU_KERNELS), False])
 def test_compiled_int8_decode_runs_one_int8_kernel_per_matrix_and_our_attention_kernel(tiny, int8_gemv):
     from torch._dynamo.utils import counters
     from torch.profiler import profile
@@ -130,7 +130,7 @@ def test_compiled_int8_decode_runs_one_int8_kernel_per_matrix_and_our_attention_
         assert "gemma_opt::decode_attention" not in calls
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=NEEDS_AVX512), pytest.param("cuda", marks=ON_GPU)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=NEEDS_CPU_KERNELS), pytest.param("cuda", marks=ON_GPU)])
 def test_fused_projections_give_the_same_outputs_from_one_matrix_for_q_k_v_and_one_for_gate_up(device):
     tiny = load_model("tiny-random", device, dtype=torch.float32)
     model = tiny.model
@@ -176,7 +176,7 @@ def test_a_blank_system_prompt_is_no_system_prompt(tiny):
     assert "Be brief.\n\nHi" in tiny.tokenizer.decode(told[0])
 
 
-@NEEDS_AVX512
+@NEEDS_CPU_KERNELS
 def test_the_int8_gemv_kernel_decodes_as_torchao_int8_does_eagerly():
     tiny = load_model("tiny-random", dtype=torch.float32)  # fp32: no bf16 rounding differences
     quantize(tiny.model, build_filter_map(tiny.model), QuantConfig(head=True))
@@ -266,7 +266,7 @@ def test_on_a_gpu_the_4b_norms_reduce_their_row_in_one_pass():
     torch.testing.assert_close(out, layer_tail(x, residual))
 
 
-@NEEDS_AVX512
+@NEEDS_CPU_KERNELS
 def test_the_whole_cache_decode_step_reads_its_masks_from_its_inputs(tiny):
     """The GPU's step (one static shape) on the CPU: built in the step's graph, a mask is built
     again for every layer's attention (34 kernels a step on the 4B on the H200); passed in, the
