@@ -109,15 +109,18 @@ def int8_gemv(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     return kernel(x.device.type)(x, weight, scale)
 
 
-@cache
-def cpu_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a prompt's INT8 linears multiply in on this CPU: a half dtype only where oneDNN
-    has kernels for it (bf16 with AVX-512; fp16 with AMX or AVX512-FP16), float32 elsewhere.
-    Without them ATen's fallback is slow: [128, 2560] x [2560, 10240] took 162 ms in bf16 and
-    145 in fp16 against 58 in fp32 (this VM with ``ONEDNN_MAX_CPU_ISA=AVX2``; fp16 without it too)."""
-    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
-    return dtype if dtype not in native or native[dtype]() else torch.float32
+def _cpu_matmul_dtypes() -> dict[torch.dtype, torch.dtype]:
+    """The dtype a prompt's INT8 linears multiply in on this CPU, for each half dtype: itself
+    where oneDNN has kernels for it (bf16 with AVX-512; fp16 with AMX or AVX512-FP16), float32
+    elsewhere. Without them ATen's fallback is slow: [128, 2560] x [2560, 10240] took 162 ms in
+    bf16 and 145 in fp16 against 58 in fp32 (this VM with ``ONEDNN_MAX_CPU_ISA=AVX2``; fp16
+    without it too). A dict made once, so that a compiled vision layer reads a constant."""
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    return {dtype: dtype if fast else torch.float32 for dtype, fast in native.items()}
+
+
+CPU_MATMUL_DTYPE = _cpu_matmul_dtypes()
 
 
 class DequantBuffer:
@@ -145,7 +148,7 @@ class Int8GemvLinear(nn.Module):
     unchanged); ``qdata`` and ``scale`` are its inner tensors, shared, as plain buffers for
     the compiled step. Longer inputs (prefill, images) compute what torchao's linear
     computes, ``mm(x, w.to(dtype)) * scale``; on the CPU with ``w`` converted into the
-    model's ``DequantBuffer``, in ``cpu_matmul_dtype`` (float32 where the CPU has no fast
+    model's ``DequantBuffer``, in ``CPU_MATMUL_DTYPE`` (float32 where the CPU has no fast
     half-precision matmul), and rounded to x's dtype once.
     """
 
@@ -163,7 +166,7 @@ class Int8GemvLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         if not x.is_cpu:  # torchao's path: a GPU's caching allocator reuses the memory
             return F.linear(x, self.weight, self.bias)
-        dtype = cpu_matmul_dtype(x.dtype)
+        dtype = CPU_MATMUL_DTYPE.get(x.dtype, x.dtype)
         y = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), self.dequant.converted(self.qdata, dtype).t())
         y *= self.scale.to(dtype)
         if self.bias is not None:

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 
-from gemma_opt.int8_gemv import Int8GemvLinear, cpu_matmul_dtype, int8_gemv, kernel, supported, use_int8_gemv
+from gemma_opt.int8_gemv import CPU_MATMUL_DTYPE, Int8GemvLinear, int8_gemv, kernel, supported, use_int8_gemv
 from gemma_opt.quantization import weight_bytes
 
 pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the INT8 GEMV kernel needs a CPU with AVX-512 or AVX2")
@@ -52,8 +52,8 @@ def test_use_int8_gemv_swaps_int8_linears_and_keeps_their_weights_and_prefill_pa
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn == "0")  # the second stays bf16
     first, state, size = model[0], model.state_dict(), weight_bytes(model)
     prompt, token = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(1, 1, 64, dtype=torch.bfloat16)
-    with torch.no_grad():  # torchao's, as this CPU computes a prompt's product (cpu_matmul_dtype)
-        prefill, decoded = model[1](first(prompt.to(cpu_matmul_dtype(prompt.dtype))).to(prompt.dtype)), first(token)
+    with torch.no_grad():  # torchao's, as this CPU computes a prompt's product (CPU_MATMUL_DTYPE)
+        prefill, decoded = model[1](first(prompt.to(CPU_MATMUL_DTYPE[prompt.dtype])).to(prompt.dtype)), first(token)
 
         assert use_int8_gemv(nn.Sequential(nn.Linear(64, 64))) == 0  # nothing in INT8: nothing to swap
         assert use_int8_gemv(model) == 1
@@ -79,7 +79,7 @@ def test_a_prompt_converts_every_weight_into_one_buffer_and_computes_what_torcha
     buffers = {id(linear.dequant) for linear in model}
     x = torch.randn(2, 5, 64)
     for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):  # the buffer follows the activations' dtype
-        h, expected, matmul_dtype = x.to(dtype), x.to(dtype), cpu_matmul_dtype(dtype)
+        h, expected, matmul_dtype = x.to(dtype), x.to(dtype), CPU_MATMUL_DTYPE.get(dtype, dtype)
         with torch.inference_mode():
             for linear, weight in zip(model, weights):
                 h, expected = linear(h), F.linear(expected.to(matmul_dtype), weight, linear.bias).to(dtype)  # torchao's
@@ -91,3 +91,15 @@ def test_a_prompt_converts_every_weight_into_one_buffer_and_computes_what_torcha
         with torch.inference_mode():
             model(x.to(dtype))
         assert model[0].dequant.buffer is buffer  # reused, not made again
+
+
+def test_a_prompt_s_path_compiles_as_one_graph():
+    """`compile.vision` compiles the vision layers, whose INT8 linears take the prompt's path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, dtype=torch.bfloat16), nn.GELU(), nn.Linear(96, 32, dtype=torch.bfloat16))
+    quantize_(model, Int8WeightOnlyConfig())
+    assert use_int8_gemv(model) == 2
+    prompt = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        eager, compiled = model(prompt), torch.compile(model, fullgraph=True)(prompt)
+    torch.testing.assert_close(compiled, eager, rtol=0.05, atol=0.02)
