@@ -114,7 +114,10 @@ def _cpu_matmul_dtypes() -> dict[torch.dtype, torch.dtype]:
     where oneDNN has kernels for it (bf16 with AVX-512; fp16 with AMX or AVX512-FP16), float32
     elsewhere. Without them ATen's fallback is slow: [128, 2560] x [2560, 10240] took 162 ms in
     bf16 and 145 in fp16 against 58 in fp32 (this VM with ``ONEDNN_MAX_CPU_ISA=AVX2``; fp16
-    without it too). A dict made once, so that a compiled vision layer reads a constant."""
+    without it too). A dict made once, so that a compiled vision layer reads a constant; empty
+    (each dtype its own) in a torch built without oneDNN, which cannot be asked."""
+    if not torch.backends.mkldnn.is_available():
+        return {}
     native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
               torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
     return {dtype: dtype if fast else torch.float32 for dtype, fast in native.items()}
