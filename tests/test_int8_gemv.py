@@ -53,7 +53,8 @@ def test_use_int8_gemv_swaps_int8_linears_and_keeps_their_weights_and_prefill_pa
     first, state, size = model[0], model.state_dict(), weight_bytes(model)
     prompt, token = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(1, 1, 64, dtype=torch.bfloat16)
     with torch.no_grad():  # torchao's, as this CPU computes a prompt's product (CPU_MATMUL_DTYPE)
-        prefill, decoded = model[1](first(prompt.to(CPU_MATMUL_DTYPE.get(prompt.dtype, prompt.dtype))).to(prompt.dtype)), first(token)
+        matmul_dtype = CPU_MATMUL_DTYPE.get(prompt.dtype, prompt.dtype)
+        prefill, decoded = model[1](first(prompt.to(matmul_dtype)).to(prompt.dtype)), first(token)
 
         assert use_int8_gemv(nn.Sequential(nn.Linear(64, 64))) == 0  # nothing in INT8: nothing to swap
         assert use_int8_gemv(model) == 1
