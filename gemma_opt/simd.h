@@ -47,15 +47,14 @@ struct Vec16 {
 inline __m256 bf16x8(const void* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+inline __m256 f16x8(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline __m256 i8x8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 
 inline Vec16 zero16() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline Vec16 broadcast16(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
 inline Vec16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline Vec16 load16(const at::BFloat16* p) { return {bf16x8(p), bf16x8(p + 8)}; }
-inline Vec16 load16(const at::Half* p) {
-  return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)))};
-}
+inline Vec16 load16(const at::Half* p) { return {f16x8(p), f16x8(p + 8)}; }
 inline Vec16 load16(const int8_t* p) { return {i8x8(p), i8x8(p + 8)}; }
 inline void store16(float* p, Vec16 a) {
   _mm256_storeu_ps(p, a.lo);
