@@ -50,11 +50,11 @@ class Predictor(BaseRunner):
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         print(f"seed: {seed}")
         picture = open_image(image, self.service.image_size) if image else None
-        self.service.check(prompt, picture, system_prompt)  # a bad file or prompt fails before any variant build
+        inputs = self.service.prepare(prompt, picture, system_prompt, max_new_tokens)  # fails before a variant build
         loaded, report = self.service.get(sparsity_method, sparsity_ratio, quantization)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
         stats = GenerationStats()
-        yield from self.service.generate(loaded, prompt, picture, system_prompt, params, stats)
+        yield from self.service.generate(loaded, inputs, params, stats)
         self.record_metric("input_token_count", stats.input_tokens)
         self.record_metric("output_token_count", stats.output_tokens)
         self.record_metric("time_to_first_token", stats.ttft_s)

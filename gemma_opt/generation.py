@@ -50,8 +50,7 @@ class GenerationStats:
 
 
 def check_request(loaded: LoadedModel, prompt: str, image=None, system_prompt: str | None = None) -> None:
-    """What makes a request unanswerable, found without tokenizing it (the service checks it
-    before building a variant the request asks for)."""
+    """What makes a request unanswerable, found before tokenizing it."""
     if not prompt.strip() and image is None:  # nothing asked: the model would ramble for max_new_tokens
         raise InputError("the prompt is empty; write one, or send an image (with an image, it may be empty)")
     if image is not None and not loaded.has_vision:

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from pillow_heif import register_heif_opener
 
 from .config import N_M_METHODS, NEURON_METHODS, SEMI_STRUCTURED_MODES, SPARSITY_CHOICES, ConfigError, PipelineConfig
-from .generation import GenerationStats, InputError, SamplingParams, build_inputs, check_request, stream
+from .generation import GenerationStats, InputError, SamplingParams, build_inputs, stream
 from .models import LoadedModel
 from .cache import load_and_optimize
 from .pipeline import Report, load, optimize, resolve_device
@@ -130,10 +130,12 @@ class Service:
                            and quantization in SEMI_STRUCTURED_MODES)
         return self.config.replace(prune=prune, quant={"mode": quantization, "semi_structured": semi_structured})
 
-    def check(self, prompt: str, image: Image.Image | None, system_prompt: str | None) -> None:
-        """An InputError for a request that cannot be answered (``check_request``), before ``get``
-        spends minutes on the variant it asks for (every variant shares the default's processor)."""
-        check_request(self.default[0], prompt, image, system_prompt)
+    def prepare(self, prompt: str, image: Image.Image | None, system_prompt: str | None,
+                max_new_tokens: int) -> dict:
+        """The request's model inputs (``build_inputs``, on the model thread), or the InputError
+        that says why it cannot be answered, before ``get`` spends minutes on the variant it asks
+        for: every variant shares the default's processor, context length and device."""
+        return self.thread.call(build_inputs, self.default[0], prompt, image, system_prompt, max_new_tokens)
 
     def get(self, sparsity: str, ratio: float | None, quantization: str) -> tuple[LoadedModel, Report]:
         """The variant for these choices: cached, or built (on the model thread) from the pristine weights."""
@@ -143,11 +145,10 @@ class Service:
             raise InputError(f"sparsity_method {sparsity!r} with sparsity_ratio {ratio}: {e}") from None
         return self.thread.call(self._get, config)
 
-    def generate(self, loaded: LoadedModel, prompt: str, image: Image.Image | None, system_prompt: str | None,
-                 params: SamplingParams, stats: GenerationStats) -> Iterator[str]:
-        """Stream the answer; the prompt is tokenized (and the image processed) on the model thread too."""
-        return self.thread.iterate(lambda: stream(
-            loaded, build_inputs(loaded, prompt, image, system_prompt, params.max_new_tokens), params, stats))
+    def generate(self, loaded: LoadedModel, inputs: dict, params: SamplingParams, stats: GenerationStats
+                 ) -> Iterator[str]:
+        """Stream the answer to ``prepare``'s inputs from a model of ``get``'s."""
+        return self.thread.iterate(lambda: stream(loaded, inputs, params, stats))
 
     def _get(self, config: PipelineConfig) -> tuple[LoadedModel, Report]:
         key = self._key(config)

@@ -24,6 +24,13 @@ def service():
     return Service(PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))
 
 
+def ask(service, loaded, prompt, image=None, system_prompt=None, params=None, stats=None):
+    """The streamed answer, as predict.py asks for it: inputs from ``prepare``, then ``generate``."""
+    params = params or SamplingParams(max_new_tokens=4)
+    inputs = service.prepare(prompt, image, system_prompt, params.max_new_tokens)
+    return service.generate(loaded, inputs, params, stats or GenerationStats())
+
+
 def in_new_thread(fn):
     """fn() on a fresh thread, as coglet runs each prediction; its result, or its exception re-raised."""
     result = {}
@@ -51,7 +58,7 @@ def test_requests_from_any_thread_run_the_model_on_the_setup_thread(service):
         hook = loaded.model.register_forward_pre_hook(lambda *_: ran_on.append(threading.get_ident()))
         stats = GenerationStats()
         try:
-            text = "".join(service.generate(loaded, "Hello", None, None, SamplingParams(max_new_tokens=5), stats))
+            text = "".join(ask(service, loaded, "Hello", params=SamplingParams(max_new_tokens=5), stats=stats))
         finally:
             hook.remove()
         return text, stats.output_tokens, threading.get_ident()
@@ -71,22 +78,27 @@ def test_requests_from_any_thread_run_the_model_on_the_setup_thread(service):
 
 def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(service):
     loaded = service.default[0]
+    def fails_midway():
+        yield "a piece"
+        raise RuntimeError("out of memory, say")
+
+    pieces = service.thread.iterate(fails_midway)
+    assert next(pieces) == "a piece"
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        next(pieces)
     with pytest.raises(InputError, match="exceeds this model's context"):
-        "".join(service.generate(loaded, "word " * 5000, None, None, SamplingParams(max_new_tokens=4),
-                                 GenerationStats()))
+        service.prepare("word " * 5000, None, None, 4)
     # Gemma's image markers typed into a prompt: transformers' processor failed with a ValueError about counts
     image = Image.new("RGB", (64, 64), "red")
     for prompt, system_prompt, picture in [("What is <start_of_image>?", None, None), ("Hi", "<start_of_image>", None),
                                            ("Look: <image_soft_token>", None, image)]:
         with pytest.raises(InputError, match="Gemma's marker for where an image goes"):
-            "".join(service.generate(loaded, prompt, picture, system_prompt, SamplingParams(max_new_tokens=4),
-                                     GenerationStats()))
+            service.prepare(prompt, picture, system_prompt, 4)
     for blank in ["", " \n\t"]:  # the web form's empty field; the service's own check, as coglet's accepts it
         with pytest.raises(InputError, match="the prompt is empty"):
-            "".join(service.generate(loaded, blank, None, "Be brief.", SamplingParams(max_new_tokens=4),
-                                     GenerationStats()))
-    assert "".join(service.generate(loaded, "", image, None, SamplingParams(max_new_tokens=4), GenerationStats()))
-    assert "".join(service.generate(loaded, "Hi", None, None, SamplingParams(max_new_tokens=4), GenerationStats()))
+            service.prepare(blank, None, "Be brief.", 4)
+    assert "".join(ask(service, loaded, "", image))
+    assert "".join(ask(service, loaded, "Hi"))
     with pytest.raises(InputError, match=r"sparsity_method 'wanda' with sparsity_ratio 0.0: .*ratio must be within"):
         service.get("wanda", 0.0, "int8_weight_only")  # the web form's ratio when the deployment prunes nothing
     cached = service.get("magnitude", 0.3, "int8_weight_only")
@@ -97,8 +109,8 @@ def test_errors_on_the_model_thread_reach_the_caller_and_it_keeps_serving(servic
 
 def test_closing_the_stream_stops_generation_on_the_model_thread(service):
     stats = GenerationStats()
-    pieces = service.generate(service.default[0], "Tell me everything.", None, None,
-                              SamplingParams(max_new_tokens=2000, stop_at_eos=False), stats)
+    pieces = ask(service, service.default[0], "Tell me everything.",
+                 params=SamplingParams(max_new_tokens=2000, stop_at_eos=False), stats=stats)
     next(pieces)
     pieces.close()
     service.thread.call(lambda: None)  # the model thread has finished what it was doing
@@ -117,13 +129,13 @@ def test_each_variant_compiles_its_own_decode_step_whatever_dynamo_s_recompile_l
     for sparsity, ratio, quantization in [("none", 0.0, "none"), ("magnitude", 0.2, "float8_weight_only")]:
         loaded = service.get(sparsity, ratio, quantization)[0]
         assert loaded.decode_step is not service.default[0].decode_step
-        assert "".join(service.generate(loaded, "Hi", None, None, greedy, GenerationStats()))
+        assert "".join(ask(service, loaded, "Hi", params=greedy))
         built.append(weakref.ref(loaded.model))
     assert compile_counters()["unique_graphs"] == graphs + 2
     del loaded
     gc.collect()
     assert built[0]() is None and built[1]() is not None  # one extra variant kept; dynamo holds no weights
-    assert "".join(service.generate(service.default[0], "Hi", None, None, greedy, GenerationStats()))
+    assert "".join(ask(service, service.default[0], "Hi", params=greedy))
     assert compile_counters()["unique_graphs"] == graphs + 2  # the default kept its graph
 
 
@@ -136,7 +148,7 @@ def test_on_a_gpu_each_quantization_the_web_form_offers_builds_and_decodes(servi
         pytest.skip("float8 needs compute capability 8.9 (L40S, H100)")
     loaded = service.get("none", 0.0, mode)[0]
     stats, greedy = GenerationStats(), SamplingParams(max_new_tokens=4, temperature=0, stop_at_eos=False)
-    assert "".join(service.generate(loaded, "Hi", None, None, greedy, stats))
+    assert "".join(ask(service, loaded, "Hi", params=greedy, stats=stats))
     assert stats.output_tokens == 4
     name = next(n for n, _ in loaded.model.named_modules() if n.endswith("layers.0.mlp.gate_proj"))
     quantized, dense = loaded.model.get_submodule(name), copy.deepcopy(service.pristine.get_submodule(name)).cuda()
