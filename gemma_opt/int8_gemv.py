@@ -35,6 +35,8 @@ from torch.nn import functional as F
 from torchao.quantization import Int8Tensor
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3MLP
 
+from .cpu_matmul import CPU_MATMUL_DTYPE
+
 SOURCE = Path(__file__).with_suffix(".cpp")
 # Modules whose forward reads its input only through these projections (and the input's
 # shape), as transformers 5.23 writes them: the input can be their fused output instead.
@@ -107,23 +109,6 @@ def cpu_ops():
 def int8_gemv(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """``x @ (weight * scale)ᵀ`` for int8 ``weight`` [out, in] and one scale per row."""
     return kernel(x.device.type)(x, weight, scale)
-
-
-def _cpu_matmul_dtypes() -> dict[torch.dtype, torch.dtype]:
-    """The dtype a prompt's INT8 linears multiply in on this CPU, for each half dtype: itself
-    where oneDNN has kernels for it (bf16 with AVX-512; fp16 with AMX or AVX512-FP16), float32
-    elsewhere. Without them ATen's fallback is slow: [128, 2560] x [2560, 10240] took 162 ms in
-    bf16 and 145 in fp16 against 58 in fp32 (this VM with ``ONEDNN_MAX_CPU_ISA=AVX2``; fp16
-    without it too). A dict made once, so that a compiled vision layer reads a constant; empty
-    (each dtype its own) in a torch built without oneDNN, which cannot be asked."""
-    if not torch.backends.mkldnn.is_available():
-        return {}
-    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
-    return {dtype: dtype if fast else torch.float32 for dtype, fast in native.items()}
-
-
-CPU_MATMUL_DTYPE = _cpu_matmul_dtypes()
 
 
 class DequantBuffer:

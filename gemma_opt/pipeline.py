@@ -13,6 +13,7 @@ import torch
 
 from .compilation import compile_decode, warm_up
 from .config import PipelineConfig
+from .cpu_matmul import float32_math_
 from .filtering import build_filter_map
 from .models import LoadedModel, ModelNotFoundError, load_model
 from .pruning import PruneReport, prune
@@ -65,11 +66,17 @@ def compress(loaded: LoadedModel, config: PipelineConfig) -> Report:
 
 
 def accelerate(loaded: LoadedModel, config: PipelineConfig, report: Report) -> Report:
-    """The compiled decode step and its warm-up; recorded in ``report``."""
+    """The compiled decode step and its warm-up, and float32 math for half-precision linears
+    on a CPU without fast half-precision matmuls (before compiling: the step is traced with
+    them); recorded in ``report``."""
     t = time.perf_counter()
+    upcast = float32_math_(loaded.model)
     report.compiled = compile_decode(loaded, config.compile)
     if report.compiled and config.compile.warmup:
         warm_up(loaded)
+    if upcast:
+        report.compiled.append(f"float32 math for {upcast} half-precision linears and convolutions "
+                               "(this CPU has no fast kernels for them)")
     report.stage_seconds["compile"] = time.perf_counter() - t
     return report
 

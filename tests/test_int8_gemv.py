@@ -6,7 +6,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 
-from gemma_opt.int8_gemv import CPU_MATMUL_DTYPE, Int8GemvLinear, int8_gemv, kernel, supported, use_int8_gemv
+from gemma_opt.cpu_matmul import CPU_MATMUL_DTYPE
+from gemma_opt.int8_gemv import Int8GemvLinear, int8_gemv, kernel, supported, use_int8_gemv
 from gemma_opt.quantization import weight_bytes
 
 pytestmark = pytest.mark.skipif(not supported("cpu"), reason="the INT8 GEMV kernel needs a CPU with AVX-512 or AVX2")
