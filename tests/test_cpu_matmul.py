@@ -2,7 +2,6 @@
 float32. The Makefile's third pass runs this file as on a CPU with AVX2 only, where the
 pipeline swaps the vision tower's modules; on a CPU with oneDNN's bf16 kernels it swaps none."""
 
-import pytest
 import torch
 from PIL import Image
 from torch import nn
