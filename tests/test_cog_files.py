@@ -92,11 +92,12 @@ def test_local_predict_downloads_an_image_url_and_refuses_bad_inputs_before_load
 
 
 def test_a_request_that_cannot_be_answered_fails_before_the_variant_it_asks_for_is_built(tmp_path):
-    """A variant's build (pruning, quantization, compile) takes minutes on the 4B: a bad file or
-    an empty prompt fails first."""
+    """A variant's build (pruning, quantization, compile) takes minutes on the 4B: a bad file, an
+    empty prompt or one longer than the context fails first."""
     (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg")
     for item, message in [(f"image=@{tmp_path}/corrupt.jpg", "error: image: not a readable image file"),
-                          ("prompt= ", "error: the prompt is empty")]:
+                          ("prompt= ", "error: the prompt is empty"),
+                          ("prompt=" + "word " * 5000, "error: prompt (5009 tokens) plus max_new_tokens (5) exceeds")]:
         run = local_predict(item, "sparsity_method=magnitude", "sparsity_ratio=0.3")
         assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]
         assert "variant built" not in run.stderr
