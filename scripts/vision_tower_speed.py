@@ -20,14 +20,13 @@ from gemma_opt.cpu_matmul import float32_math_
 from gemma_opt.models import gemma_3_4b_config
 
 torch.manual_seed(0)
-model = SiglipVisionModel(gemma_3_4b_config().vision_config).eval()
-pixels = torch.randn(1, 3, 896, 896)
-pipeline = copy.deepcopy(model).to(torch.bfloat16)
+bf16 = SiglipVisionModel(gemma_3_4b_config().vision_config).eval().to(torch.bfloat16)
+pipeline = copy.deepcopy(bf16)  # the three towers hold the same (bf16) weights
 swapped = float32_math_(pipeline)
 print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 kernels: "
       f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; the pipeline gives {swapped} modules float32 math")
-for label, tower, image in [("bf16", model.to(torch.bfloat16), pixels.bfloat16()),
-                            ("float32", copy.deepcopy(model).float(), pixels),
+pixels = torch.randn(1, 3, 896, 896)
+for label, tower, image in [("bf16", bf16, pixels.bfloat16()), ("float32", copy.deepcopy(bf16).float(), pixels),
                             ("the pipeline's", pipeline, pixels.bfloat16())]:
     with torch.inference_mode():
         tower(pixel_values=image)
