@@ -1,7 +1,7 @@
 """``int8_gemv`` on CUDA: a Triton kernel, registered as ``gemma_opt::int8_gemv_cuda``.
 
 On a GPU, torchao's INT8 weight-only linear is ``mm(x, w.to(bf16)) * s``; on an H200
-(README, "On a GPU") the compiled 4B decode step ran at 14% of the bandwidth roofline with
+(docs/speed.md, "On a GPU") the compiled 4B decode step ran at 14% of the bandwidth roofline with
 it and at 35% with this kernel. Alone, this kernel reads 0.71-3.0 TB/s there, about what
 inductor's code for torchao's linear reads alone, so that 14% came from something else in
 its step (not found). This kernel reads each int8 weight once, converts it in registers,

@@ -6,7 +6,7 @@ the default pipeline (the filter leaves it out).
     .venv/bin/python scripts/vision_tower_speed.py                        # ~3 minutes
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python scripts/vision_tower_speed.py
 
-The second line runs it as on a CPU with AVX2 only (README, speed section); ~5 minutes.
+The second line runs it as on a CPU with AVX2 only (docs/speed.md); ~5 minutes.
 One 896 x 896 image, timed on its second call.
 """
 
