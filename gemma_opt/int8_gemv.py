@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from torchao.quantization import Int8Tensor
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3MLP
 
-from .cpu_matmul import CPU_MATMUL_DTYPE
+from .cpu_matmul import CPU_MATMUL_DTYPE, DequantBuffer
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 # Modules whose forward reads its input only through these projections (and the input's
@@ -109,24 +109,6 @@ def cpu_ops():
 def int8_gemv(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """``x @ (weight * scale)ᵀ`` for int8 ``weight`` [out, in] and one scale per row."""
     return kernel(x.device.type)(x, weight, scale)
-
-
-class DequantBuffer:
-    """One buffer, the size of the largest weight, that every INT8 linear of a model converts
-    its weight into for a prompt (prefill) on the CPU, where torchao's path converts it into a
-    new tensor: a weight over 32 MB in bf16 (the 4B's gate/up and down) then gets fresh pages
-    from the kernel on every call, and touching them cost more than the conversion. On this
-    CPU, for a 10240 x 2560 weight: ``qdata.to(bf16)`` 17.3 ms, ``copy_`` into an existing
-    tensor 2.2 ms; the linear at 128 tokens 34.4 ms against bf16's 16.7 (one-off)."""
-
-    def __init__(self):
-        self.buffer: Tensor | None = None
-
-    def converted(self, qdata: Tensor, dtype: torch.dtype) -> Tensor:
-        if self.buffer is None or self.buffer.numel() < qdata.numel() or self.buffer.dtype != dtype:
-            self.buffer = None  # freed before the larger one is made
-            self.buffer = torch.empty(qdata.numel(), dtype=dtype, device=qdata.device)
-        return self.buffer[:qdata.numel()].view(qdata.shape).copy_(qdata)
 
 
 class Int8GemvLinear(nn.Module):

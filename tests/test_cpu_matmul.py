@@ -46,6 +46,25 @@ def test_float32_math_swaps_plain_half_modules_only_and_keeps_their_weights():
     assert torch.equal(step(token), linear(token)) and torch.equal(step(prompt), linear(prompt))
 
 
+def test_large_weights_are_converted_into_one_shared_buffer_and_small_ones_are_not():
+    """A weight over 32 MB in float32 (the 4B's gate/up and down) would get fresh pages at every
+    conversion: the model's large linears convert into one buffer, refilled for each."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"gate": nn.Linear(2048, 4100), "down": nn.Linear(4100, 2048, bias=False),
+                           "small": nn.Linear(64, 32)}).to(BF16).requires_grad_(False)
+    assert float32_math_(model, UPCAST) == 3
+    gate, down, small = model["gate"], model["down"], model["small"]
+    assert gate.dequant is down.dequant is small.dequant and gate.dequant.buffer is None
+    x = torch.randn(3, 2048, dtype=BF16)
+    for _ in range(2):  # each conversion refills the buffer the other one used
+        hidden = gate(x)
+        assert torch.equal(hidden, F.linear(x.float(), gate.weight.float(), gate.bias.float()).to(BF16))
+        assert torch.equal(down(hidden), F.linear(hidden.float(), down.weight.float()).to(BF16))
+    buffer = gate.dequant.buffer
+    assert buffer.dtype == torch.float32 and buffer.numel() == gate.weight.numel()
+    small(torch.randn(2, 64, dtype=BF16))
+    assert gate.dequant.buffer is buffer  # a small weight converts into a tensor of its own
+
 def test_the_pipeline_gives_the_vision_tower_float32_math_where_this_cpu_lacks_bf16_kernels():
     tiny = load_model("tiny-random")
     report = optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))
