@@ -73,7 +73,7 @@ def accelerate(loaded: LoadedModel, config: PipelineConfig, report: Report) -> R
     upcast = float32_math_(loaded.model)
     report.compiled = compile_decode(loaded, config.compile)
     if report.compiled and config.compile.warmup:
-        warm_up(loaded)
+        warm_up(loaded, config.compile.vision)
     if upcast:
         report.compiled.append(f"float32 math for {upcast} half-precision linears and convolutions "
                                "(this CPU has no fast kernels for them)")

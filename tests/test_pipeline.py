@@ -61,6 +61,18 @@ def test_tiny_multimodal_image_and_prompt_through_every_stage(tiny):
     assert generate_text(tiny, "What colour is this?", image, greedy) == generate_text(tiny, "What colour is this?", image, greedy)
 
 
+
+def test_a_cpu_setup_sends_no_image_through_a_tower_it_did_not_compile_and_an_image_then_compiles_nothing(tiny):
+    """On a CPU the warm-up's image would only cost every boot a pass through the tower."""
+    images = []
+    tiny.model.model.vision_tower.register_forward_hook(lambda *args: images.append(1))
+    optimize(tiny, PipelineConfig.validated({"model": "tiny-random"}))
+    assert images == [], "the warm-up sent an image through the tower"
+    graphs = compile_counters().get("unique_graphs")
+    image = Image.new("RGB", (120, 90), (200, 30, 30))
+    assert generate_text(tiny, "What colour is this?", image, SamplingParams(max_new_tokens=5, temperature=0))
+    assert images == [1] and compile_counters().get("unique_graphs") == graphs, "an image request compiled"
+
 @pytest.mark.slow
 def test_4b_architecture_int8_bytes_match_the_shapes():
     loaded = load_model("gemma-3-4b-arch")
