@@ -233,9 +233,9 @@ def compile_decode(loaded: LoadedModel, config: CompileConfig) -> list[str]:
 def warm_up(loaded: LoadedModel, vision_compiled: bool) -> None:
     """Compile the decode step now rather than in a request (the first two steps: CUDA graphs
     record on the second call); an image prompt too where the vision layers are compiled, or
-    on a GPU, where it takes a moment and the first use of its image kernels is spent here.
-    On a CPU nothing else compiles for an image (tested), and the image would cost every
-    boot a pass through the 4B's tower (7-31 s) to spare the first image request ~0.3 s."""
+    on a GPU, where one pass takes a moment (kept there as it was; not measured). On a CPU
+    nothing else compiles for an image (tested), and the image would cost every boot a pass
+    through the 4B's tower (7-31 s) to spare the first image request ~0.3 s."""
     greedy = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eos=False)
     generate_text(loaded, WARMUP_PROMPT, params=greedy)
     if loaded.has_vision and (vision_compiled or loaded.model.device.type != "cpu"):

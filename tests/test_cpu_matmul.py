@@ -65,6 +65,7 @@ def test_large_weights_are_converted_into_one_shared_buffer_and_small_ones_are_n
     small(torch.randn(2, 64, dtype=BF16))
     assert gate.dequant.buffer is buffer  # a small weight converts into a tensor of its own
 
+
 def test_the_pipeline_gives_the_vision_tower_float32_math_where_this_cpu_lacks_bf16_kernels():
     tiny = load_model("tiny-random")
     report = optimize(tiny, PipelineConfig.validated({"model": "tiny-random", "compile": {"mode": "none"}}))

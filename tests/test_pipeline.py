@@ -61,7 +61,6 @@ def test_tiny_multimodal_image_and_prompt_through_every_stage(tiny):
     assert generate_text(tiny, "What colour is this?", image, greedy) == generate_text(tiny, "What colour is this?", image, greedy)
 
 
-
 def test_a_cpu_setup_sends_no_image_through_a_tower_it_did_not_compile_and_an_image_then_compiles_nothing(tiny):
     """On a CPU the warm-up's image would only cost every boot a pass through the tower."""
     images = []
@@ -72,6 +71,7 @@ def test_a_cpu_setup_sends_no_image_through_a_tower_it_did_not_compile_and_an_im
     image = Image.new("RGB", (120, 90), (200, 30, 30))
     assert generate_text(tiny, "What colour is this?", image, SamplingParams(max_new_tokens=5, temperature=0))
     assert images == [1] and compile_counters().get("unique_graphs") == graphs, "an image request compiled"
+
 
 @pytest.mark.slow
 def test_4b_architecture_int8_bytes_match_the_shapes():
