@@ -73,9 +73,8 @@ class Float32MathLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == x.shape[-1]:
             return super().forward(x)
-        weight = self.weight
-        weight = (self.dequant.converted(weight, torch.float32) if weight.numel() * 4 > FRESH_PAGES_BYTES
-                  else weight.float())
+        large = self.weight.numel() * 4 > FRESH_PAGES_BYTES
+        weight = self.dequant.converted(self.weight, torch.float32) if large else self.weight.float()
         return F.linear(x.float(), weight, _float(self.bias)).to(x.dtype)
 
 
