@@ -13,9 +13,10 @@ using namespace gemma_opt;
 // per thread read 30-45% faster than four adjacent rows (2.5 KB streams, restarted each step) on
 // every 270M and 4B shape, and faster than a plain sum (scripts/int8_gemv_bench.py).
 constexpr int64_t ROWS = 4;
-// Bytes ahead of the read position that each stream prefetches into L2. Without it the
-// hardware prefetcher left the kernel at ATen's read rate. On an AMD EPYC (Zen 4) 2 KB read
-// 8-12% faster than 4 or 8 KB, and than 1 KB or none; on an Intel Xeon 4-16 KB read alike.
+// Bytes ahead of the read position that each stream prefetches into L2. With four adjacent
+// rows a step, the kernel read no faster than ATen's without it; with the four streams, on an
+// AMD EPYC (Zen 4), 2 KB reads 5-14% faster than none, 1, 4, 8 or 16 KB (docs/speed.md); on an
+// Intel Xeon 4-16 KB read alike.
 constexpr int64_t PREFETCH_BYTES = 2048;
 
 // Dot products of `rows` weight rows (int8, K long, `stride` rows apart) with x, times their

@@ -6,7 +6,7 @@ to read the weights. On CPU, torchao's INT8 weight-only linear reaches ATen's
 ``_weight_int8pack_mm`` once compiled, and that kernel read the 4B architecture's weights
 at 23 GB/s (89% of a decode step, ``python -m gemma_opt profile``) on a machine where a
 plain sum reads 30+. Ours reads four rows a quarter of the matrix apart at a time (four long
-sequential streams, each prefetched 8 KB ahead into L2); it reads at 82-112% of the sum's rate
+sequential streams, each prefetched 2 KB ahead into L2); it reads at 82-112% of the sum's rate
 (``scripts/int8_gemv_bench.py``, Intel Xeon and AMD EPYC VMs). It computes in fp32 and
 rounds once, where ATen's path rounds the product to bf16 before scaling it. The CUDA
 kernel does the same on a GPU (see its module).
