@@ -11,7 +11,8 @@ using namespace gemma_opt;
 // Weight rows per step: four streams share each load of x. The four are a quarter of the
 // matrix apart, so that each reads on through consecutive rows: four long sequential streams
 // per thread read 30-45% faster than four adjacent rows (2.5 KB streams, restarted each step) on
-// every 270M and 4B shape, and faster than a plain sum (scripts/int8_gemv_bench.py).
+// every 270M and 4B shape on an Intel Xeon, at 1.03-1.12x a plain sum's rate there and 0.83-1.03x
+// on an AMD EPYC (scripts/int8_gemv_bench.py, docs/speed.md).
 constexpr int64_t ROWS = 4;
 // Bytes ahead of the read position that each stream prefetches into L2. With four adjacent
 // rows a step, the kernel read no faster than ATen's without it; with the four streams, on an
