@@ -17,7 +17,7 @@ constexpr int64_t ROWS = 4;
 // Bytes ahead of the read position that each stream prefetches into L2. With four adjacent
 // rows a step, the kernel read no faster than ATen's without it; with the four streams, on an
 // AMD EPYC (Zen 4), 2 KB reads 5-14% faster than none, 1, 4, 8 or 16 KB (docs/speed.md); on an
-// Intel Xeon 4-16 KB read alike.
+// AMD EPYC (Zen 5) none, 2 and 8 KB read alike, as 4-16 KB did on an Intel Xeon.
 constexpr int64_t PREFETCH_BYTES = 2048;
 
 // Dot products of `rows` weight rows (int8, K long, `stride` rows apart) with x, times their
