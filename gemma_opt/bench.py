@@ -22,7 +22,7 @@ import yaml
 from transformers.generation.streamers import BaseStreamer
 
 from .cache import load_and_optimize
-from .compilation import WARMUP_PROMPT
+from .compilation import WARMUP_PROMPT, compile_cache_counts
 from .config import PipelineConfig, env_names
 from .evaluation import DEFAULT_EVAL_TEXT
 from .generation import GenerationStats, SamplingParams, generate_text, stream
@@ -374,7 +374,7 @@ def run_setup(model: str, variant: str, cache_dir: str) -> dict:
     setup = time.perf_counter() - t
     greedy = SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False)
     return {"variant": variant, "setup_s": setup, "stages_s": report.stage_seconds, "cache": report.cache,
-            "answer": generate_text(loaded, WARMUP_PROMPT, params=greedy)}
+            "compile_cache": compile_cache_counts(), "answer": generate_text(loaded, WARMUP_PROMPT, params=greedy)}
 
 
 def cold_boot(model: str, variants: list[str]) -> list[dict]:
@@ -395,6 +395,7 @@ def cold_boot(model: str, variants: list[str]) -> list[dict]:
                         "setup_cached_s": cached["setup_s"], "cached_over_cold": cached["setup_s"] / cold["setup_s"],
                         "process_cold_s": cold["process_s"], "process_cached_s": cached["process_s"],
                         "cold_stages_s": cold["stages_s"], "cached_stages_s": cached["stages_s"],
+                        "cold_compile_cache": cold["compile_cache"], "cached_compile_cache": cached["compile_cache"],
                         "cached_boot": cached["cache"], "same_answer": cold["answer"] == cached["answer"]})
         print(f"  {name}: cold {cold['setup_s']:.1f}s, cached {cached['setup_s']:.1f}s ({cached['cache']})",
               file=sys.stderr)
@@ -457,13 +458,15 @@ def served_table(records: list[dict]) -> str:
 
 
 def cold_boot_table(records: list[dict]) -> str:
-    rows = ["| variant | setup_cold_s (stages) | setup_cached_s (stages) | cached / cold | same answer |",
-            "|---|---|---|---|---|"]
+    rows = ["| variant | setup_cold_s (stages) | setup_cached_s (stages) | cached / cold | same answer "
+            "| graphs the cached boot compiled (AOTAutograd, inductor) |", "|---|---|---|---|---|---|"]
     stages = lambda seconds: ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+    compiled = lambda counts: ", ".join(f"{counts[f'{cache}_misses']} of {counts[f'{cache}_hits'] + counts[f'{cache}_misses']}"
+                                        for cache in ("aot_autograd", "inductor"))
     for r in records:
         rows.append(f"| {r['variant']} | {r['setup_cold_s']:.1f} ({stages(r['cold_stages_s'])}) | "
                     f"{r['setup_cached_s']:.1f} ({stages(r['cached_stages_s'])}) | {r['cached_over_cold']:.0%} | "
-                    f"{'yes' if r['same_answer'] else 'NO'} |")
+                    f"{'yes' if r['same_answer'] else 'NO'} | {compiled(r['cached_compile_cache'])} |")
     return "\n".join(rows)
 
 

@@ -247,3 +247,15 @@ def compile_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return dict(counters["stats"])
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """How many graphs this process took from torch's compile caches (hits) and compiled
+    itself (misses): AOTAutograd's, whose key hashes the graph's inputs, torchao's Int8Tensor
+    weights included, and inductor's. A boot from the cold-boot cache should compile none."""
+    from torch._dynamo.utils import counters
+
+    return {"aot_autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
+            "inductor_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "inductor_misses": counters["inductor"]["fxgraph_cache_miss"]}
