@@ -30,7 +30,8 @@ for _logger in ("torchao", "torch.utils._pytree"):  # before the imports below i
     logging.getLogger(_logger).addFilter(_filter)
 # At the first compile of a model with torchao's INT8 weights (every setup), torch advises
 # torchao's authors to give Int8Tensor a cache hash of its own; without one torch hashes its
-# inner tensors and metadata itself, and compiled graphs are cached all the same (cold boot).
+# inner tensors and metadata itself, and compiled graphs are cached all the same: a cached boot
+# in a fresh process compiles none (``bench --cold-boot``, its last column, and its test).
 warnings.filterwarnings("ignore", r"Int8Tensor does not implement _stable_hash_for_caching", UserWarning)
 
 from .compilation import compile_decode
