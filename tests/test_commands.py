@@ -223,7 +223,7 @@ def test_bench_cold_boot_times_a_cold_and_a_cached_boot_in_fresh_processes(tmp_p
     (record,) = json.loads((tmp_path / "boot.json").read_text())
     assert record["cached_boot"] == "hit" and record["same_answer"] is True
     # the decode step's graph, its Int8Tensor weights among the inputs AOTAutograd's key hashes, comes
-    # from compile.bin in a process with another hash seed and an empty inductor cache
+    # from the cold-boot cache entry in a process with another hash seed and an empty inductor cache
     assert record["cold_compile_cache"]["aot_autograd_misses"] == record["cold_compile_cache"]["inductor_misses"] == 1
     assert record["cached_compile_cache"] == {"aot_autograd_hits": 1, "aot_autograd_misses": 0,
                                               "inductor_hits": 1, "inductor_misses": 0}
